@@ -1,0 +1,265 @@
+"""Weight clustering: array -> (codebook, indices).  Pure numpy, no I/O.
+
+1-D k-means is solved on the *sorted* values: with prefix sums of the (weighted)
+values, one Lloyd iteration costs O(k log n) — the cluster of a centroid is a
+contiguous run of sorted values between two centroid midpoints, located with
+``searchsorted``, and its mean comes from two prefix-sum lookups.  Only the final
+assignment touches every weight (``searchsorted`` of the weights on the
+midpoints, O(n log k)).  ``sklearn.cluster.KMeans`` is the reference the tests and
+the benchmark compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+INITS = ("auto", "companding", "density", "linear", "kmeans++")
+# "auto" runs these seedings and keeps the clustering with the lowest error.
+AUTO_INITS = ("companding", "density", "kmeans++")
+METHODS = ("kmeans", "binary")
+# Above this many values, k-means runs on a fine histogram instead of sorted values.
+HISTOGRAM_ABOVE = 1 << 16
+HISTOGRAM_BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """Result of clustering one weight tensor.
+
+    ``codebook`` is float32 ``[G, k]`` (rows sorted ascending), ``indices`` is
+    uint8 with the weight's shape; see :mod:`onnx_codebook.schema` for the layout.
+    """
+
+    codebook: np.ndarray
+    indices: np.ndarray
+    axis: int
+    group_size: int
+
+    @property
+    def k(self) -> int:
+        return int(self.codebook.shape[1])
+
+    @property
+    def groups(self) -> int:
+        return int(self.codebook.shape[0])
+
+    def decode(self) -> np.ndarray:
+        """The float32 weight the codebook represents."""
+        return decode(self.codebook, self.indices, self.axis, self.group_size)
+
+
+def decode(codebook: np.ndarray, indices: np.ndarray, axis: int, group_size: int) -> np.ndarray:
+    moved = np.moveaxis(indices, axis, 0)
+    rows = np.arange(moved.shape[0]) // group_size
+    rows = rows.reshape((-1,) + (1,) * (moved.ndim - 1))
+    return np.moveaxis(codebook[rows, moved.astype(np.intp)], 0, axis).astype(np.float32)
+
+
+def _init_centroids(pts: np.ndarray, pw: np.ndarray, k: int, init: str, rng) -> np.ndarray:
+    """Initial centroids for sorted points ``pts`` with weights ``pw``."""
+    if init == "linear":
+        return np.linspace(pts[0], pts[-1], k)
+    if init in ("density", "companding"):
+        if init == "density":
+            mass = pw
+        else:
+            # Asymptotically MSE-optimal point density is proportional to p(x)^(1/3):
+            # place centroids at quantiles of the cube-root density (tails get more).
+            nbins = int(min(4096, max(16, pts.size)))
+            edges = np.linspace(pts[0], pts[-1], nbins + 1)
+            b = np.clip(np.searchsorted(edges, pts, side="right") - 1, 0, nbins - 1)
+            dens = np.bincount(b, weights=pw, minlength=nbins)
+            mass = np.cbrt(dens)[b] / np.maximum(np.bincount(b, minlength=nbins)[b], 1)
+        cm = np.cumsum(mass)
+        targets = (np.arange(k) + 0.5) / k * cm[-1]
+        return pts[np.minimum(np.searchsorted(cm, targets), pts.size - 1)]
+    if init == "kmeans++":
+        # Greedy weighted k-means++: of a few D^2-sampled candidates per step, keep
+        # the one that lowers the potential most.
+        trials = 2 + int(np.log(k))
+        centers = [pts[rng.choice(pts.size, p=pw / pw.sum())]]
+        d2 = (pts - centers[0]) ** 2 * pw
+        for _ in range(1, k):
+            total = d2.sum()
+            if total <= 0:
+                break
+            picks = np.minimum(np.searchsorted(np.cumsum(d2), rng.random(trials) * total), pts.size - 1)
+            cand = np.minimum(d2[None, :], (pts[None, :] - pts[picks][:, None]) ** 2 * pw[None, :])
+            best = int(np.argmin(cand.sum(axis=1)))
+            centers.append(pts[picks[best]])
+            d2 = cand[best]
+        return np.sort(np.asarray(centers))
+    raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+
+
+def _lloyd(pts: np.ndarray, pw: np.ndarray, c: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+    """Lloyd iterations on sorted weighted points; O(k log n) per iteration."""
+    cw, cwx, cwxx = np.cumsum(pw), np.cumsum(pw * pts), np.cumsum(pw * pts * pts)
+    zero = np.zeros(1)
+    cw, cwx, cwxx = (np.concatenate((zero, a)) for a in (cw, cwx, cwxx))
+    span = float(pts[-1] - pts[0]) or 1.0
+    c = np.sort(c)
+    for _ in range(max_iter):
+        mids = (c[1:] + c[:-1]) / 2
+        bounds = np.concatenate(([0], np.searchsorted(pts, mids, side="right"), [pts.size]))
+        lo, hi = bounds[:-1], bounds[1:]
+        sw, swx, swxx = cw[hi] - cw[lo], cwx[hi] - cwx[lo], cwxx[hi] - cwxx[lo]
+        empty = sw <= 0
+        new_c = np.where(empty, c, swx / np.where(empty, 1, sw))
+        if empty.any():
+            # Re-seed each empty centroid inside the cluster with the largest error.
+            sse = np.maximum(swxx - swx * swx / np.where(empty, 1, sw), 0)
+            for j in np.flatnonzero(empty):
+                worst = int(np.argmax(sse))
+                a, b = bounds[worst], bounds[worst + 1]
+                if b - a < 2:
+                    break
+                new_c[j] = pts[(a + b) // 2]
+                sse[worst] = 0
+        new_c = np.sort(new_c)
+        moved = float(np.max(np.abs(new_c - c)))
+        c = new_c
+        if moved <= tol * span:
+            break
+    return c
+
+
+def _sse(pts: np.ndarray, pw: np.ndarray, c: np.ndarray) -> float:
+    mids = (c[1:] + c[:-1]) / 2
+    return float(np.sum(pw * (pts - c[np.searchsorted(mids, pts, side="right")]) ** 2))
+
+
+def _fit(pts: np.ndarray, pw: np.ndarray, k: int, init: str, seed: int, max_iter: int, tol: float) -> np.ndarray:
+    """Centroids for sorted weighted points; ``init="auto"`` keeps the best of several seedings."""
+    if init != "auto":
+        return _lloyd(pts, pw, _init_centroids(pts, pw, k, init, np.random.default_rng(seed)), max_iter, tol)
+    fits = [_fit(pts, pw, k, name, seed, max_iter, tol) for name in AUTO_INITS]
+    return min(fits, key=lambda c: _sse(pts, pw, c))
+
+
+def kmeans_1d(
+    values: np.ndarray,
+    k: int,
+    *,
+    init: str = "auto",
+    weights: np.ndarray | None = None,
+    max_iter: int = 500,
+    tol: float = 1e-7,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted 1-D k-means.
+
+    Returns ``(centroids, labels)``: at most ``k`` sorted float64 centroids and
+    one integer label per value.  When the values take at most ``k`` distinct
+    values the centroids are exactly those values (lossless).  Large inputs are
+    clustered on a 65536-bin histogram of bin means; the final centroids are
+    the exact (weighted) means of their clusters.  Deterministic for a ``seed``.
+    """
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ConfigError("cannot cluster an empty tensor")
+    if not np.all(np.isfinite(x)):
+        raise ConfigError("weights contain NaN or infinity")
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape != x.shape or np.any(w < 0) or not np.all(np.isfinite(w)):
+        raise ConfigError("clustering weights must be finite, non-negative and match the values")
+    w = w + 1e-12 * (w.max() + 1e-30)
+    lo, hi = float(x.min()), float(x.max())
+    if x.size > HISTOGRAM_ABOVE and hi > lo:
+        scale = HISTOGRAM_BINS / (hi - lo)
+        bins = np.minimum(((x - lo) * scale).astype(np.intp), HISTOGRAM_BINS - 1)
+        bw = np.bincount(bins, weights=w, minlength=HISTOGRAM_BINS)
+        bwx = np.bincount(bins, weights=w * x, minlength=HISTOGRAM_BINS)
+        used = np.flatnonzero(bw > 0)
+        if used.size > k:
+            pts, pw = bwx[used] / bw[used], bw[used]
+            c = _fit(pts, pw, k, init, seed, max_iter, tol)
+            mids = (c[1:] + c[:-1]) / 2
+            label_of_bin = np.zeros(HISTOGRAM_BINS, dtype=np.intp)
+            label_of_bin[used] = np.searchsorted(mids, pts, side="right")
+            return _finalize(x, w, label_of_bin[bins], c.size)
+    uniq = np.unique(x)
+    if uniq.size <= k:
+        return uniq, np.searchsorted(uniq, x)
+    order = np.argsort(x, kind="stable")
+    pts, pw = x[order], w[order]
+    c = _fit(pts, pw, k, init, seed, max_iter, tol)
+    mids = (c[1:] + c[:-1]) / 2
+    return _finalize(x, w, np.searchsorted(mids, x, side="right"), c.size)
+
+
+def _finalize(x: np.ndarray, w: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact weighted cluster means for ``labels``; empty clusters are dropped."""
+    sw = np.bincount(labels, weights=w, minlength=k)
+    swx = np.bincount(labels, weights=w * x, minlength=k)
+    keep = sw > 0
+    remap = np.cumsum(keep) - 1
+    return swx[keep] / sw[keep], remap[labels]
+
+
+def _groups(weight: np.ndarray, axis: int, group_size: int):
+    """Yield (group index, slice of the channel axis) for each codebook row."""
+    channels = weight.shape[axis]
+    for g, start in enumerate(range(0, channels, group_size)):
+        yield g, slice(start, min(start + group_size, channels))
+
+
+def cluster_weight(
+    weight: np.ndarray,
+    bits: int,
+    *,
+    axis: int = 0,
+    group_size: int | None = None,
+    method: str = "kmeans",
+    init: str = "auto",
+    importance: np.ndarray | None = None,
+    seed: int = 0,
+) -> Clustering:
+    """Cluster ``weight`` into ``2**bits`` shared values per group of channels.
+
+    ``group_size`` adjacent output channels along ``axis`` share one codebook row;
+    ``None`` means one codebook for the whole tensor.  ``method="binary"`` is the
+    1-bit scheme ``sign(W) * s_g`` with ``s_g = mean |W|`` over the group (the L2
+    optimal scale for a sign code).  ``importance`` (same shape as ``weight``,
+    non-negative) weights the k-means error of each weight, e.g. by the mean
+    squared input activation it multiplies (activation-aware clustering).
+    """
+    if not 1 <= int(bits) <= 8:
+        raise ConfigError(f"bits must be in 1..8, got {bits}")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    weight = np.asarray(weight, dtype=np.float32)
+    if weight.ndim == 0:
+        weight = weight.reshape(1)
+    axis = axis % weight.ndim
+    channels = weight.shape[axis]
+    group_size = channels if group_size is None else max(1, min(int(group_size), channels))
+    k = 1 << int(bits)
+    moved = np.moveaxis(weight, axis, 0)
+    imp = None if importance is None else np.moveaxis(np.asarray(importance, dtype=np.float64), axis, 0)
+    indices = np.empty(moved.shape, dtype=np.uint8)
+    rows: list[np.ndarray] = []
+    for g, sl in _groups(weight, axis, group_size):
+        block = moved[sl]
+        if method == "binary":
+            scale = float(np.mean(np.abs(block))) if block.size else 0.0
+            rows.append(np.array([-scale, scale]))
+            indices[sl] = block >= 0
+            continue
+        cents, labels = kmeans_1d(
+            block, k, init=init, weights=None if imp is None else imp[sl], seed=seed + g
+        )
+        rows.append(cents)
+        indices[sl] = labels.reshape(block.shape)
+    width = max(r.size for r in rows)
+    # Rows with fewer distinct values are padded with their last entry (never indexed).
+    codebook = np.stack([np.pad(r, (0, width - r.size), mode="edge") for r in rows]).astype(np.float32)
+    return Clustering(codebook, np.moveaxis(indices, 0, axis), axis, group_size)
