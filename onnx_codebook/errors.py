@@ -27,3 +27,7 @@ class OutputError(CodebookError):
 
 class RuntimeLibraryError(CodebookError):
     """The custom-op library is missing or failed to load."""
+
+
+class CodebookWarning(UserWarning):
+    """Something the user should know about; the result is still valid."""

@@ -1,0 +1,303 @@
+"""The compression pass: load -> select -> cluster -> encode -> rewrite -> validate.
+
+Pure in-memory work on ModelProtos; saving is the caller's (see :mod:`io`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from .cluster import Clustering
+from .config import CompressConfig, LayerSettings
+from .encode import CODEBOOK_ITEMSIZE, cluster_layer, effective_group_size, footprint, sqnr_db
+from .errors import CodebookError, CodebookWarning, NoEligibleLayerError
+from .io import tensor_bytes
+from .pack import container_bits
+from .rewrite import NameScope, add_standard_decode, fusible, replace_with_fused
+from .rewrite.common import model_names
+from .schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY
+from .select import Layer, Skipped, constants_to_initializers, select_layers
+
+# Opset that introduced Cast from each index container, and the IR version it needs.
+CONTAINER_OPSET = {2: 25, 4: 21, 8: 1}
+MAX_IR_VERSION = 13  # newest IR version onnxruntime 1.31 loads
+IR_FOR_OPSET = {25: 13, 21: 10}
+
+
+@dataclass
+class LayerResult:
+    """What happened to one weight (one row of the per-layer table)."""
+
+    name: str
+    op_type: str
+    shape: tuple[int, ...]
+    bits: int
+    granularity: str
+    group_size: int
+    groups: int
+    codebook_entries: int
+    method: str
+    format: str
+    container_bits: int
+    bytes_fp32: int
+    bytes_stored: int
+    index_bytes: int
+    codebook_bytes: int
+    sqnr_db: float
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_fp32 / max(self.bytes_stored, 1)
+
+
+@dataclass
+class CompressResult:
+    model: onnx.ModelProto
+    layers: list[LayerResult]
+    skipped: list[Skipped]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def weight_bytes_before(self) -> int:
+        return sum(r.bytes_fp32 for r in self.layers)
+
+    @property
+    def weight_bytes_after(self) -> int:
+        return sum(r.bytes_stored for r in self.layers)
+
+    def summary(self) -> dict:
+        before, after = self.weight_bytes_before, self.weight_bytes_after
+        return {
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+            "compression_ratio": before / max(after, 1),
+            "layers": [dict(asdict(r), shape=list(r.shape)) for r in self.layers],
+            "skipped": [asdict(s) for s in self.skipped],
+            "warnings": list(self.warnings),
+        }
+
+
+ClusterCache = dict  # (weight, bits, group_size, method, init, axis) -> Clustering
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 1
+
+
+def _raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    converted = version_converter.convert_version(model, target)
+    onnx.checker.check_model(converted)
+    return converted
+
+
+def _plan_containers(model: onnx.ModelProto, wanted: int, notes: list[str]) -> tuple[onnx.ModelProto, int]:
+    """Raise the opset so that ``wanted``-bit containers can be cast; fall back to wider ones.
+
+    Returns the (possibly converted) model and the narrowest container available.
+    """
+    for width in (w for w in (2, 4, 8) if w >= wanted):
+        need = CONTAINER_OPSET[width]
+        current = default_opset(model)
+        if current >= need:
+            return model, width
+        try:
+            converted = _raise_opset(model, need)
+        except Exception as e:  # the converter raises many kinds of errors
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            notes.append(
+                f"could not raise the opset from {current} to {need} for UINT{width} indices ({msg[:120]}); "
+                f"storing them in wider containers"
+            )
+            continue
+        converted.ir_version = max(model.ir_version, IR_FOR_OPSET.get(need, model.ir_version))
+        return converted, width
+    return model, 8
+
+
+def _settings_for(config: CompressConfig, layer: Layer) -> LayerSettings:
+    return config.settings_for(layer.weight, layer.node_names, layer.op_type)
+
+
+def compress_model(
+    model: onnx.ModelProto,
+    config: CompressConfig,
+    *,
+    progress: Callable[[str], None] | None = None,
+    cache: ClusterCache | None = None,
+    importance: dict[str, np.ndarray] | None = None,
+    validate: bool = True,
+) -> CompressResult:
+    """Compress every eligible weight of ``model`` as ``config`` says.
+
+    ``progress`` is called once per layer with its name; ``cache`` reuses
+    clusterings across calls (the search does many); ``importance`` maps weight
+    names to per-weight clustering importance (activation-aware clustering).
+    The input model is not modified.
+    """
+    notes: list[str] = []
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    constants_to_initializers(proto, config.ops)
+    graph = gs.import_onnx(proto)
+    layers, skipped = select_layers(graph, config.ops, config.min_elements)
+    if not layers:
+        why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+        raise NoEligibleLayerError(
+            f"no eligible {'/'.join(config.ops)} weight with >= {config.min_elements} elements"
+            + (f" ({why}{'; ...' if len(skipped) > 3 else ''})" if why else "")
+            + "; try a lower --min-elements or other --ops"
+        )
+
+    # Containers: decided before rewriting, since raising the opset re-imports the graph.
+    needs_standard = [
+        layer for layer in layers
+        if config.format == "standard" or not all(fusible(n, layer.constant) for n in layer.constant.outputs)
+    ]
+    narrowest = min((container_bits(_settings_for(config, l).bits) for l in needs_standard), default=8)
+    if narrowest < 8:
+        converted, available = _plan_containers(proto, narrowest, notes)
+        if converted is not proto:
+            proto = converted
+            graph = gs.import_onnx(proto)
+            layers, skipped = select_layers(graph, config.ops, config.min_elements)
+    else:
+        available = 8
+
+    names = NameScope(model_names(graph))
+    cb_dtype = np.dtype(config.codebook_dtype)
+    itemsize = CODEBOOK_ITEMSIZE[config.codebook_dtype]
+    results: list[LayerResult] = []
+    shared: dict = {}
+    metadata: dict[str, dict] = {}
+    for layer in layers:
+        if progress:
+            progress(layer.weight)
+        settings = _settings_for(config, layer)
+        consumers = list(layer.constant.outputs)
+        fuse_nodes = [n for n in layer.consumers if config.format == "fused" and fusible(n, layer.constant)]
+        all_fused = len(fuse_nodes) == len(consumers)
+        fmt = "fused" if all_fused else "standard"
+        axis = layer.axis if layer.axis >= 0 else 0
+        channels = layer.shape[axis]
+        if layer.axis < 0 and settings.granularity != "tensor":
+            settings = LayerSettings(settings.bits, "tensor", settings.group_size, settings.method, settings.init)
+        container = max(container_bits(settings.bits), available)
+        group_size, note = effective_group_size(layer.size, channels, settings, fmt=fmt, codebook_itemsize=itemsize)
+        if fmt == "standard" and group_size:
+            # Containers wider than the bits change the sums: check again with them.
+            fp = footprint(layer.size, channels, settings.bits, group_size, 1 << settings.bits,
+                           codebook_itemsize=itemsize, container=container)
+            if fp.total >= layer.size * 4:
+                group_size = 0
+        if not group_size:
+            skipped.append(Skipped(layer.weight, layer.op_type, note or "encoding would not make it smaller"))
+            continue
+        key = (layer.weight, settings.bits, group_size, settings.method, settings.init, axis, config.seed)
+        weight = np.asarray(layer.constant.values)
+        clustering: Clustering | None = None if cache is None or importance else cache.get(key)
+        if clustering is None:
+            try:
+                clustering = cluster_layer(
+                    weight, settings, axis, group_size, seed=config.seed,
+                    importance=None if importance is None else importance.get(layer.weight),
+                )
+            except CodebookError as e:
+                raise type(e)(f"{layer.weight}: {e}") from e
+            if cache is not None and not importance:
+                cache[key] = clustering
+        stored = 0
+        if fuse_nodes:
+            for node in fuse_nodes:
+                replace_with_fused(layer.graph, node, layer.constant, clustering, settings.bits, names, shared)
+            fp = footprint(layer.size, channels, settings.bits, group_size, clustering.k, fmt="fused")
+            stored += fp.total
+        if not all_fused:
+            decoded = add_standard_decode(layer.graph, layer.constant, clustering, container, cb_dtype, names)
+            if not layer.constant.outputs:
+                decoded.name = layer.weight
+            fp_std = footprint(layer.size, channels, settings.bits, group_size, clustering.k,
+                               codebook_itemsize=itemsize, container=container)
+            stored += fp_std.total
+            fp = fp_std if not fuse_nodes else fp
+        granularity = ("tensor" if clustering.groups == 1 else "channel" if group_size == 1 else "group")
+        results.append(LayerResult(
+            name=layer.weight, op_type=layer.op_type, shape=layer.shape, bits=settings.bits,
+            granularity=granularity, group_size=group_size, groups=clustering.groups,
+            codebook_entries=clustering.groups * clustering.k, method=settings.method,
+            format="fused" if all_fused else ("fused+standard" if fuse_nodes else "standard"),
+            container_bits=settings.bits if all_fused else container,
+            bytes_fp32=layer.size * 4, bytes_stored=stored, index_bytes=fp.index_bytes,
+            codebook_bytes=fp.codebook_bytes, sqnr_db=sqnr_db(weight, clustering.decode()), note=note,
+        ))
+        metadata[layer.weight] = {"bits": settings.bits, "granularity": granularity, "group_size": group_size,
+                                  "method": settings.method}
+    if not results:
+        raise NoEligibleLayerError("no weight would get smaller with these settings; try more bits' savings "
+                                   "(fewer --bits) or a coarser --granularity")
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = _export(graph, proto, uses_domain=bool(shared), metadata=metadata)
+    if validate:
+        validate_model(out, needs_ops=bool(shared), notes=notes)
+    for n in notes:
+        warnings.warn(n, CodebookWarning, stacklevel=2)
+    return CompressResult(out, results, skipped, notes)
+
+
+def _export(graph: gs.Graph, proto: onnx.ModelProto, *, uses_domain: bool, metadata: dict) -> onnx.ModelProto:
+    exported = gs.export_onnx(graph, do_type_check=False)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    out.graph.CopyFrom(exported.graph)
+    opsets = {op.domain: op.version for op in proto.opset_import}
+    if uses_domain:
+        opsets[DOMAIN] = DOMAIN_VERSION
+    del out.opset_import[:]
+    out.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    out.ir_version = min(max(proto.ir_version, 3), MAX_IR_VERSION)
+    kept = [p for p in out.metadata_props if p.key != METADATA_KEY]
+    previous = {}
+    for p in out.metadata_props:
+        if p.key == METADATA_KEY:
+            previous = json.loads(p.value)
+    del out.metadata_props[:]
+    out.metadata_props.extend(kept)
+    out.metadata_props.add(key=METADATA_KEY, value=json.dumps({**previous, **metadata}, sort_keys=True))
+    return out
+
+
+def validate_model(model: onnx.ModelProto, *, needs_ops: bool, notes: list[str]) -> None:
+    """The checker (full shape inference below 2 GB) and an onnxruntime session."""
+    large = tensor_bytes(model) > 1_800_000_000
+    try:
+        if not large:
+            onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise CodebookError(f"internal error: the compressed model fails the ONNX checker ({str(e)[:300]})") from e
+    if large:
+        notes.append("model over 2 GB: not checked in memory; check the saved file with onnx.checker")
+        return
+    from . import ops
+
+    if needs_ops:
+        ok, why = ops.library_status()
+        if not ok:
+            notes.append(f"fused model not run: {why}")
+            return
+    try:
+        ops.session(model)
+    except CodebookError:
+        raise
+    except Exception as e:
+        raise CodebookError(f"internal error: onnxruntime rejects the compressed model ({str(e)[:300]})") from e

@@ -1,0 +1,161 @@
+"""Which weights are eligible for compression, and why the others are skipped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .io import iter_graphs
+from .schema import WEIGHT_INPUT, channel_axis
+
+FLOAT_TYPES = (np.float32, np.float16, np.float64)
+
+
+@dataclass
+class Layer:
+    """One weight tensor to compress and the nodes that consume it."""
+
+    weight: str
+    op_type: str
+    shape: tuple[int, ...]
+    axis: int
+    graph: gs.Graph = field(repr=False)
+    constant: gs.Constant = field(repr=False)
+    consumers: list[gs.Node] = field(repr=False)
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.consumers)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[self.axis])
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    op_type: str
+    reason: str
+
+
+def constants_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> int:
+    """Turn float ``Constant`` nodes that feed an eligible weight input into initializers.
+
+    Some exporters (Paddle, some TF converters) hold weights in Constant nodes.
+    Works in place on every (sub)graph; returns how many were moved.
+    """
+    moved = 0
+    for graph in iter_graphs(model.graph):
+        weight_inputs = {
+            n.input[WEIGHT_INPUT[n.op_type]]
+            for n in graph.node
+            if n.op_type in ops and n.domain in ("", "ai.onnx") and len(n.input) > WEIGHT_INPUT[n.op_type]
+        }
+        keep = []
+        for node in graph.node:
+            value = [a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+            if (
+                node.op_type == "Constant"
+                and node.domain in ("", "ai.onnx")
+                and len(node.output) == 1
+                and node.output[0] in weight_inputs
+                and value
+                and value[0].t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+            ):
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(value[0].t)
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+                moved += 1
+            else:
+                keep.append(node)
+        if len(keep) != len(graph.node):
+            del graph.node[:]
+            graph.node.extend(keep)
+    return moved
+
+
+def _weight_constant(tensor: gs.Tensor) -> gs.Constant | None:
+    """The constant behind a weight input, looking through Identity nodes."""
+    seen = 0
+    while isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Identity" and seen < 8:
+        tensor = tensor.inputs[0].inputs[0]
+        seen += 1
+    return tensor if isinstance(tensor, gs.Constant) else None
+
+
+def select_layers(
+    graph: gs.Graph, ops: tuple[str, ...], min_elements: int
+) -> tuple[list[Layer], list[Skipped]]:
+    """Eligible weights of ``graph`` and its subgraphs, and the reasons others were skipped."""
+    graphs = [graph, *graph.subgraphs(recursive=True)]
+    graph_inputs = {t.name for t in graph.inputs}
+    found: dict[int, Layer] = {}
+    order: list[int] = []
+    skipped: list[Skipped] = []
+    bad: set[int] = set()
+    for g in graphs:
+        for node in g.nodes:
+            if node.op not in ops or node.domain not in ("", "ai.onnx", None):
+                continue
+            pos = WEIGHT_INPUT[node.op]
+            label = node.name or f"<{node.op}>"
+            if len(node.inputs) <= pos:
+                continue
+            const = _weight_constant(node.inputs[pos])
+            if const is None:
+                lhs = _weight_constant(node.inputs[0]) if node.op == "MatMul" else None
+                why = ("constant left-hand side is not supported (only a constant right-hand side)"
+                       if lhs is not None else "weight is computed at run time, not a constant")
+                skipped.append(Skipped(label, node.op, why))
+                continue
+            key = id(const)
+            if key in bad:
+                continue
+            if const.name in graph_inputs:
+                skipped.append(Skipped(const.name, node.op, "weight is also a graph input (can be overridden at run time)"))
+                bad.add(key)
+                continue
+            dtype = np.dtype(const.dtype) if const.dtype is not None else None
+            if dtype is None or dtype.type not in FLOAT_TYPES:
+                skipped.append(Skipped(const.name, node.op, f"weight is {dtype} (already quantized or not float)"))
+                bad.add(key)
+                continue
+            shape = tuple(int(d) for d in const.shape)
+            size = int(np.prod(shape)) if shape else 1
+            if size < min_elements:
+                skipped.append(Skipped(const.name, node.op, f"{size} elements < min-elements {min_elements}"))
+                bad.add(key)
+                continue
+            if node.op in ("Conv", "ConvTranspose") and len(shape) < 3 or node.op == "Gemm" and len(shape) != 2:
+                skipped.append(Skipped(const.name, node.op, f"unexpected weight rank {len(shape)}"))
+                bad.add(key)
+                continue
+            if node.op == "MatMul" and len(shape) < 2:
+                skipped.append(Skipped(const.name, node.op, "1-D right-hand side"))
+                bad.add(key)
+                continue
+            axis = channel_axis(node.op, node.attrs, len(shape))
+            if key in found:
+                layer = found[key]
+                if layer.graph is not g:
+                    skipped.append(Skipped(const.name, node.op, "weight is shared across subgraphs"))
+                    del found[key]
+                    order.remove(key)
+                    bad.add(key)
+                    continue
+                if layer.axis != axis:
+                    layer.axis = -1  # consumers disagree on the channel axis: one codebook only
+                layer.consumers.append(node)
+                continue
+            found[key] = Layer(const.name, node.op, shape, axis, g, const, [node])
+            order.append(key)
+    return [found[k] for k in order], skipped
