@@ -68,6 +68,7 @@ class CompressConfig:
     codebook_dtype: str = "float32"
     overrides: Mapping[str, LayerSettings] = field(default_factory=dict)
     seed: int = 0
+    exclude: frozenset[str] = frozenset()  # weight names kept in float
 
     def __post_init__(self):
         ops = tuple(self.ops)
@@ -87,6 +88,7 @@ class CompressConfig:
             if not isinstance(value, LayerSettings):
                 raise ConfigError(f"override for {key!r} must be LayerSettings, got {type(value).__name__}")
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+        object.__setattr__(self, "exclude", frozenset(self.exclude))
 
     def settings_for(self, weight: str, node_names: tuple[str, ...], op_type: str) -> LayerSettings:
         """Resolve by weight or node name, then op type, then the default."""

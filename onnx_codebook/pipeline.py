@@ -130,6 +130,59 @@ def _settings_for(config: CompressConfig, layer: Layer) -> LayerSettings:
     return config.settings_for(layer.weight, layer.node_names, layer.op_type)
 
 
+@dataclass
+class LayerPlan:
+    """How one layer will be encoded, decided before clustering."""
+
+    settings: LayerSettings
+    fmt: str  # "fused" when every consumer has a fused kernel, else "standard"
+    axis: int
+    channels: int
+    container: int
+    group_size: int  # 0: leave the layer alone (see note)
+    note: str
+    fuse_nodes: list
+
+
+def plan_layer(layer: Layer, config: CompressConfig, available: int = 2,
+               settings: LayerSettings | None = None) -> LayerPlan:
+    """Settings, format, container and (possibly coarsened) group size of ``layer``."""
+    settings = settings or _settings_for(config, layer)
+    consumers = list(layer.constant.outputs)
+    fuse_nodes = [n for n in layer.consumers if config.format == "fused" and fusible(n, layer.constant)]
+    fmt = "fused" if fuse_nodes and len(fuse_nodes) == len(consumers) else "standard"
+    axis = layer.axis if layer.axis >= 0 else 0
+    channels = layer.shape[axis]
+    if layer.axis < 0 and settings.granularity != "tensor":
+        settings = LayerSettings(settings.bits, "tensor", settings.group_size, settings.method, settings.init)
+    container = max(container_bits(settings.bits), available)
+    itemsize = CODEBOOK_ITEMSIZE[config.codebook_dtype]
+    group_size, note = effective_group_size(layer.size, channels, settings, fmt=fmt, codebook_itemsize=itemsize)
+    if fmt == "standard" and group_size:
+        # Containers wider than the bits change the sums: check again with them.
+        fp = footprint(layer.size, channels, settings.bits, group_size, 1 << settings.bits,
+                       codebook_itemsize=itemsize, container=container)
+        if fp.total >= layer.size * 4:
+            group_size, note = 0, f"{settings.bits}-bit indices in {container}-bit containers would not make it smaller"
+    return LayerPlan(settings, fmt, axis, channels, container, group_size, note, fuse_nodes)
+
+
+def layer_clustering(name: str, weight: np.ndarray, plan: LayerPlan, seed: int, cache: ClusterCache | None,
+                     importance: np.ndarray | None = None) -> Clustering:
+    """Cluster one weight as ``plan`` says, through ``cache`` when given."""
+    s = plan.settings
+    key = (name, s.bits, plan.group_size, s.method, s.init, plan.axis, seed, importance is not None)
+    if cache is not None and key in cache:
+        return cache[key]
+    try:
+        clustering = cluster_layer(weight, s, plan.axis, plan.group_size, seed=seed, importance=importance)
+    except CodebookError as e:
+        raise type(e)(f"{name}: {e}") from e
+    if cache is not None:
+        cache[key] = clustering
+    return clustering
+
+
 def compress_model(
     model: onnx.ModelProto,
     config: CompressConfig,
@@ -177,46 +230,27 @@ def compress_model(
 
     names = NameScope(model_names(graph))
     cb_dtype = np.dtype(config.codebook_dtype)
-    itemsize = CODEBOOK_ITEMSIZE[config.codebook_dtype]
     results: list[LayerResult] = []
     shared: dict = {}
     metadata: dict[str, dict] = {}
     for layer in layers:
         if progress:
             progress(layer.weight)
-        settings = _settings_for(config, layer)
-        consumers = list(layer.constant.outputs)
-        fuse_nodes = [n for n in layer.consumers if config.format == "fused" and fusible(n, layer.constant)]
-        all_fused = len(fuse_nodes) == len(consumers)
-        fmt = "fused" if all_fused else "standard"
-        axis = layer.axis if layer.axis >= 0 else 0
-        channels = layer.shape[axis]
-        if layer.axis < 0 and settings.granularity != "tensor":
-            settings = LayerSettings(settings.bits, "tensor", settings.group_size, settings.method, settings.init)
-        container = max(container_bits(settings.bits), available)
-        group_size, note = effective_group_size(layer.size, channels, settings, fmt=fmt, codebook_itemsize=itemsize)
-        if fmt == "standard" and group_size:
-            # Containers wider than the bits change the sums: check again with them.
-            fp = footprint(layer.size, channels, settings.bits, group_size, 1 << settings.bits,
-                           codebook_itemsize=itemsize, container=container)
-            if fp.total >= layer.size * 4:
-                group_size = 0
-        if not group_size:
-            skipped.append(Skipped(layer.weight, layer.op_type, note or "encoding would not make it smaller"))
+        if layer.weight in config.exclude:
+            skipped.append(Skipped(layer.weight, layer.op_type, "kept in float (excluded)"))
             continue
-        key = (layer.weight, settings.bits, group_size, settings.method, settings.init, axis, config.seed)
+        plan = plan_layer(layer, config, available)
+        if not plan.group_size:
+            skipped.append(Skipped(layer.weight, layer.op_type, plan.note))
+            continue
+        settings, axis, channels, container, group_size, note = (
+            plan.settings, plan.axis, plan.channels, plan.container, plan.group_size, plan.note)
+        fuse_nodes = plan.fuse_nodes
+        all_fused = plan.fmt == "fused"
         weight = np.asarray(layer.constant.values)
-        clustering: Clustering | None = None if cache is None or importance else cache.get(key)
-        if clustering is None:
-            try:
-                clustering = cluster_layer(
-                    weight, settings, axis, group_size, seed=config.seed,
-                    importance=None if importance is None else importance.get(layer.weight),
-                )
-            except CodebookError as e:
-                raise type(e)(f"{layer.weight}: {e}") from e
-            if cache is not None and not importance:
-                cache[key] = clustering
+        itemsize = CODEBOOK_ITEMSIZE[config.codebook_dtype]
+        clustering = layer_clustering(layer.weight, weight, plan, config.seed, cache,
+                                      None if importance is None else importance.get(layer.weight))
         stored = 0
         if fuse_nodes:
             for node in fuse_nodes:
