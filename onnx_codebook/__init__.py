@@ -97,6 +97,62 @@ def decompress(model: onnx.ModelProto | str) -> onnx.ModelProto:
     return decompress_model(load_model(model))
 
 
+def search(
+    model: onnx.ModelProto | str,
+    data_or_evaluator=None,
+    *,
+    data=None,
+    evaluator=None,
+    max_drop: float = 1.0,
+    drop_type: str = "absolute",
+    metric: str = "top1",
+    bits=(2, 3, 4, 5, 6, 8),
+    granularity=("tensor", "channel"),
+    group_size: int = 8,
+    holdout_fraction: float = 0.2,
+    time_budget: float | None = None,
+    workers: int = 1,
+    format: str = "standard",
+    ops=SUPPORTED_OPS,
+    min_elements: int = 4096,
+    bias_correction: bool = False,
+    activation_aware: bool = False,
+    image=None,
+    seed: int = 0,
+    progress=None,
+    **options,
+):
+    """Smallest model whose metric stays within ``max_drop`` of the original's.
+
+    ``data_or_evaluator`` is evaluation data (a path, ``sklearn:digits`` or a
+    :class:`~onnx_codebook.data.Dataset`) or a callable that scores an
+    onnxruntime session (higher is better).  Give both with ``data=`` /
+    ``evaluator=``: the data's logits then drive the sensitivity profile and the
+    evaluator decides the budget.  ``max_drop`` is in points (``absolute``) or
+    percent of the baseline (``relative``).  Returns a
+    :class:`~onnx_codebook.search.SearchResult` (``.model``, ``.report``).
+    """
+    from .data import load_data
+    from .search import run_search
+
+    if callable(data_or_evaluator):
+        evaluator = data_or_evaluator
+    elif data_or_evaluator is not None:
+        data = data_or_evaluator
+    m = load_model(model)
+    ds = load_data(data, m, image) if data is not None else None
+    if isinstance(granularity, str):
+        granularity = tuple(g.strip() for g in granularity.split(",") if g.strip())
+    if isinstance(bits, (int, str)):
+        bits = tuple(int(b) for b in str(bits).split(",") if b.strip())
+    config = make_config(bits=4, ops=ops, min_elements=min_elements, format=format, seed=seed, **options)
+    return run_search(m, ds, evaluator=evaluator, max_drop=max_drop, drop_type=drop_type, metric=metric,
+                      bits=tuple(bits), granularities=tuple(granularity), group_size=group_size,
+                      holdout_fraction=holdout_fraction, time_budget=time_budget, workers=workers, config=config,
+                      bias_correction=bias_correction, activation_aware=activation_aware, seed=seed,
+                      progress=progress)
+
+
 def session(model, **kwargs):
     """An onnxruntime InferenceSession; registers the custom-op library when the model needs it."""
     from . import ops
@@ -105,7 +161,7 @@ def session(model, **kwargs):
 
 
 __all__ = [
-    "compress", "compress_with_report", "decompress", "evaluate", "inspect", "session", "make_config",
+    "compress", "compress_with_report", "decompress", "evaluate", "inspect", "search", "session", "make_config",
     "load_model", "save_model", "CompressConfig", "LayerSettings", "CompressResult",
     "CodebookError", "ConfigError", "DataError", "ModelLoadError", "NoEligibleLayerError", "OutputError",
     "RuntimeLibraryError",

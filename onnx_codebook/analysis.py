@@ -61,12 +61,13 @@ def find_decoders(model: onnx.ModelProto) -> list[Decoder]:
             if inits[src.input[0]].data_type not in INDEX_TYPES:
                 continue
             chain.append(src)
+            chain.reverse()  # decode order: Cast -> [Add] -> Gather [-> Cast]
             out = node.output[0]
             consumers = [n for n in graph.node if out in n.input]
             if len(consumers) == 1 and consumers[0].op_type == "Cast":
                 chain.append(consumers[0])
                 out = consumers[0].output[0]
-            found.append(Decoder(graph, out, chain[::-1], node.input[0], src.input[0], offsets, False))
+            found.append(Decoder(graph, out, chain, node.input[0], src.input[0], offsets, False))
     return found
 
 

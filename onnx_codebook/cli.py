@@ -28,8 +28,14 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Codebook (weight-sharing) compression of ONNX CNNs: ONNX in, ONNX out.",
 )
-out = Console()
-err = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    # Not a terminal (pipes, CI logs): rich would assume 80 columns and fold the tables.
+    return c if c.is_terminal else Console(stderr=stderr, width=140)
+
+
+out = _console()
+err = _console(stderr=True)
 
 # Options shared by several commands, defined once.
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
@@ -104,7 +110,7 @@ def _layer_table(title: str, rows: list[dict]) -> Table:
     for col, just in (("layer", "left"), ("op", "left"), ("shape", "left"), ("bits", "right"),
                       ("granularity", "left"), ("codebook", "right"), ("fp32", "right"), ("stored", "right"),
                       ("ratio", "right"), ("SQNR dB", "right")):
-        t.add_column(col, justify=just, overflow="fold")
+        t.add_column(col, justify=just, overflow="fold", no_wrap=col != "layer")
     for r in rows:
         sq = r.get("sqnr_db")
         t.add_row(
@@ -299,6 +305,123 @@ def evaluate(
             out.print(_metrics_table(rows))
 
     _run(body)
+
+
+@app.command()
+def search(
+    model: ModelArg,
+    output: OutOpt,
+    data: DataOpt,
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Allowed metric drop: points (absolute) or percent of the baseline (relative).")] = 1.0,
+    drop_type: Annotated[str, typer.Option("--drop-type", help="absolute or relative.")] = "absolute",
+    metric: Annotated[str, typer.Option("--metric", help="top1 (needs labels) or agreement (top-1 agreement with the original).")] = "top1",
+    bits: Annotated[str, typer.Option("--bits", help="Candidate bit-widths, comma-separated.")] = "2,3,4,5,6,8",
+    granularity: Annotated[str, typer.Option("--granularity", help="Candidate granularities, comma-separated.")] = "tensor,channel",
+    group_size: Annotated[int, typer.Option("--group-size", help="Filters per codebook for the group granularity.")] = 8,
+    holdout_fraction: Annotated[float, typer.Option("--holdout-fraction", help="Data the search never sees, for an honest final figure.")] = 0.2,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Stop refining after this many seconds.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Evaluation processes.")] = 1,
+    fmt: Annotated[str, typer.Option("--format", help="standard or fused.")] = "standard",
+    ops: Annotated[str, typer.Option("--ops", help="Op types whose weights are compressed.")] = ",".join(SUPPORTED_OPS),
+    min_elements: Annotated[int, typer.Option("--min-elements", help="Leave smaller weights alone.")] = 4096,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Shift biases by the mean error the codebooks introduce.")] = False,
+    activation_aware: Annotated[bool, typer.Option("--activation-aware/--no-activation-aware", help="Weight the clustering by input-activation energy.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a Pareto plot (PNG; needs matplotlib).")] = None,
+    report: ReportOpt = None,
+    force: ForceOpt = False,
+    size: SizeOpt = None,
+    crop: CropOpt = None,
+    scale: ScaleOpt = 1 / 255,
+    mean: MeanOpt = "0",
+    std: StdOpt = "1",
+    layout: LayoutOpt = "NCHW",
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Smallest model whose accuracy stays within --max-drop of the original's (no retraining)."""
+    _setup_logging(verbose)
+
+    def body():
+        from . import search as run_search
+        from .io import check_output_path, save_model
+
+        check_output_path(output, inputs=(model,), force=force)
+        for extra in (report, plot):
+            if extra is not None:
+                check_output_path(extra, inputs=(model, output), force=True)
+        try:
+            bit_list = tuple(int(b) for b in bits.split(",") if b.strip())
+        except ValueError:
+            raise ConfigError(f"--bits must be comma-separated integers, got {bits!r}") from None
+        if plot is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ConfigError("--plot needs matplotlib: pip install matplotlib") from None
+        image = _image_options(size, crop, scale, mean, std, layout)
+        with _progress() as bar:
+            task = bar.add_task("search", total=1.0)
+
+            def tick(msg, frac):
+                bar.update(task, completed=frac, description=msg[:60])
+
+            result = run_search(model, data, max_drop=max_drop, drop_type=drop_type, metric=metric, bits=bit_list,
+                                granularity=granularity, group_size=group_size, holdout_fraction=holdout_fraction,
+                                time_budget=time_budget, workers=workers, format=fmt, ops=ops,
+                                min_elements=min_elements, bias_correction=bias_correction,
+                                activation_aware=activation_aware, image=image, seed=seed, progress=tick)
+        rep = result.report
+        before = model.stat().st_size
+        after = save_model(result.model, output)
+        rep.update(input=str(model), output=str(output), model_bytes_before=before, model_bytes_after=after)
+        if report is not None:
+            _write_json(report, rep)
+        if plot is not None:
+            _pareto_plot(rep, plot)
+        rows = [dict(r, sqnr_db=None) for r in rep["layers"]]
+        out.print(_layer_table(f"{model.name} -> {output.name}", rows))
+        for w in result.warnings:
+            err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        tab = Table(title=f"{metric} (budget: drop <= {max_drop} {'points' if drop_type == 'absolute' else '%'})",
+                    title_justify="left")
+        for c in ("data", "original", "compressed", "drop", "samples"):
+            tab.add_column(c, justify="left" if c == "data" else "right")
+        for name in ("search", "holdout"):
+            r = rep.get(name)
+            if r:
+                tab.add_row(name, f"{r['baseline']:.2f}", f"{r['compressed']:.2f}", f"{r['drop']:.2f}", str(r["samples"]))
+        out.print(tab)
+        out.print(
+            f"weights {_fmt_bytes(rep['weight_bytes_before'])} -> {_fmt_bytes(rep['weight_bytes_after'])} "
+            f"([bold]{rep['compression_ratio']:.2f}x[/]); file {_fmt_bytes(before)} -> {_fmt_bytes(after)}; "
+            f"{rep['evaluations']} evaluations + {rep['profile_runs']} profile runs in {rep['wall_time_s']:.1f} s",
+            highlight=False)
+
+    _run(body)
+
+
+def _pareto_plot(rep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    pts = rep["points"]
+    ax.scatter([p["bytes"] / 1024 for p in pts], [p["metric"] for p in pts], s=12, alpha=0.6, label="evaluated")
+    front = rep["pareto"]
+    ax.plot([p["bytes"] / 1024 for p in front], [p["metric"] for p in front], "r-o", ms=3, label="Pareto front")
+    ax.axhline(rep["target"], color="gray", ls="--", lw=1, label="budget")
+    ax.set_xscale("log")
+    ax.set_xlabel("stored weight KB (codebooks included)")
+    ax.set_ylabel(rep["metric"] + " %")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 @app.command()

@@ -106,6 +106,9 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike) -> int:
     try:
         tmp_model = tmpdir / out.name
         if external:
+            # onnx moves the tensors of the model it saves to external data in place: save a copy
+            # so that the caller's model keeps its tensors.
+            model = _copy(model)
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
         else:
@@ -122,6 +125,12 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike) -> int:
         raise OutputError(f"{out}: cannot serialise the model ({_first_line(e)})") from e
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _first_line(e: BaseException) -> str:

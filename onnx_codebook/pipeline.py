@@ -37,7 +37,7 @@ class LayerResult:
     """What happened to one weight (one row of the per-layer table)."""
 
     name: str
-    op_type: str
+    op: str
     shape: tuple[int, ...]
     bits: int
     granularity: str
@@ -267,7 +267,7 @@ def compress_model(
             fp = fp_std if not fuse_nodes else fp
         granularity = ("tensor" if clustering.groups == 1 else "channel" if group_size == 1 else "group")
         results.append(LayerResult(
-            name=layer.weight, op_type=layer.op_type, shape=layer.shape, bits=settings.bits,
+            name=layer.weight, op=layer.op_type, shape=layer.shape, bits=settings.bits,
             granularity=granularity, group_size=group_size, groups=clustering.groups,
             codebook_entries=clustering.groups * clustering.k, method=settings.method,
             format="fused" if all_fused else ("fused+standard" if fuse_nodes else "standard"),
