@@ -133,7 +133,7 @@ def search(
     :class:`~onnx_codebook.search.SearchResult` (``.model``, ``.report``).
     """
     from .data import load_data
-    from .search import run_search
+    from .budget import run_search
 
     if callable(data_or_evaluator):
         evaluator = data_or_evaluator
