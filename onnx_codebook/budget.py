@@ -428,10 +428,39 @@ def run_search(
         proto.opset_import.extend(model.opset_import)
     tick(f"{len(layers)} layers, {len(choices)} candidate settings each", 0.02)
 
+    cache: ClusterCache = {}
+    # ---- runner / executor
+    runner_args = (proto.SerializeToString(), weights, biases, subsets, seed, importance, threads)
+    if data is None:
+        executor = None
+    elif workers > 1:
+        per = max(1, (threads or 2) // workers)
+        executor: Executor = ProcessPoolExecutorBackend(workers, runner_args[:-1] + (per,))
+    else:
+        runner = CandidateRunner(proto, weights, biases, subsets, seed=seed, importance=importance, threads=threads)
+        runner.cache = cache
+        executor = InProcessExecutor(runner)
+
+    # ---- baseline
+    if executor is not None:
+        ref_profile, ref_search = executor.map([{}], "profile")[0], executor.map([{}], "search")[0]
+        labels = search_set.labels
+        if ref_search.ndim != 2:
+            raise DataError(f"the search needs a [N, classes] output; the model's first output has shape "
+                            f"{list(ref_search.shape)}")
+        if labels is not None and evaluator is None:
+            check_labels(labels, ref_search)
+
+    def measure(logits_list: list[np.ndarray]) -> list[float]:
+        return [score(l, labels, ref_search, metric) for l in logits_list]
+
+    baseline = score(ref_search, labels, ref_search, metric) if executor is not None else 0.0
+    target = baseline - max_drop if drop_type == "absolute" else baseline * (1 - max_drop / 100)
+    tick(f"baseline {metric} {baseline:.2f}; target >= {target:.2f}", 0.12)
+
     # ---- options per layer (bytes, weight error)
     fmt_cfg = config
     total_fp32 = sum(l.size * 4 for l in layers)
-    cache: ClusterCache = {}
     for st in states:
         l = st.layer
         st.options.append(Option(None, l.size * weights[l.weight].dtype.itemsize, 0.0))
@@ -452,18 +481,6 @@ def run_search(
             err = float(np.sum((c.decode() - w) ** 2) / max(np.sum(w * w), 1e-30))
             st.options.append(Option(ch, fp.total, err, plan=plan))
     tick("clustered every candidate", 0.1)
-
-    # ---- runner / executor
-    runner_args = (proto.SerializeToString(), weights, biases, subsets, seed, importance, threads)
-    if data is None:
-        executor = None
-    elif workers > 1:
-        per = max(1, (threads or 2) // workers)
-        executor: Executor = ProcessPoolExecutorBackend(workers, runner_args[:-1] + (per,))
-    else:
-        runner = CandidateRunner(proto, weights, biases, subsets, seed=seed, importance=importance, threads=threads)
-        runner.cache = cache
-        executor = InProcessExecutor(runner)
 
     def bias_for(st: LayerState, opt: Option):
         if st.bias is None or opt.choice is None:
@@ -490,23 +507,6 @@ def run_search(
                 continue
             out[st.layer.weight] = (opt.plan, bool(importance.get(st.layer.weight) is not None), bias_for(st, opt))
         return out
-
-    # ---- baseline
-    if executor is not None:
-        ref_profile, ref_search = executor.map([{}], "profile")[0], executor.map([{}], "search")[0]
-        labels = search_set.labels
-        if ref_search.ndim != 2:
-            raise DataError(f"the search needs a [N, classes] output; the model's first output has shape "
-                            f"{list(ref_search.shape)}")
-        if labels is not None and evaluator is None:
-            check_labels(labels, ref_search)
-
-    def measure(logits_list: list[np.ndarray]) -> list[float]:
-        return [score(l, labels, ref_search, metric) for l in logits_list]
-
-    baseline = score(ref_search, labels, ref_search, metric) if executor is not None else 0.0
-    target = baseline - max_drop if drop_type == "absolute" else baseline * (1 - max_drop / 100)
-    tick(f"baseline {metric} {baseline:.2f}; target >= {target:.2f}", 0.12)
 
     # ---- sensitivity profile
     n_runs_full = sum(len(st.options) - 1 for st in states)
