@@ -205,6 +205,123 @@ def _finalize(x: np.ndarray, w: np.ndarray, labels: np.ndarray, k: int) -> tuple
     return swx[keep] / sw[keep], remap[labels]
 
 
+def _row_search(sorted_rows: np.ndarray, queries: np.ndarray, side: str = "right") -> np.ndarray:
+    """Per-row ``searchsorted`` of ``queries[g]`` in ``sorted_rows[g]`` (both in [0, 1]),
+    as one call on the rows laid end to end (row g shifted by 2g)."""
+    g, n = sorted_rows.shape
+    off = 2.0 * np.arange(g)[:, None]
+    pos = np.searchsorted((sorted_rows + off).ravel(), (queries + off).ravel(), side=side)
+    return pos.reshape(queries.shape) - n * np.arange(g)[:, None]
+
+
+def _row_quantiles(z: np.ndarray, mass: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the values at the (i + 0.5) / k quantiles of ``mass``."""
+    cm = np.cumsum(mass, axis=1)
+    cm = cm / cm[:, -1:]
+    targets = np.broadcast_to((np.arange(k) + 0.5) / k, (z.shape[0], k))
+    idx = np.minimum(_row_search(cm, targets, side="left"), z.shape[1] - 1)
+    return np.take_along_axis(z, idx, axis=1)
+
+
+def kmeans_rows(
+    x: np.ndarray, k: int, *, init: str = "auto", weights: np.ndarray | None = None,
+    max_iter: int = 300, tol: float = 1e-7,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted 1-D k-means of every row of ``x`` ``[G, n]`` at once.
+
+    Same method as :func:`kmeans_1d` (Lloyd on sorted values with prefix sums),
+    vectorised over rows — per-channel and grouped codebooks of a layer are one
+    call instead of one per channel.  ``init="auto"`` keeps, per row, the best of
+    the companding, density and linear seedings.  Returns ``(centroids [G, k]``
+    sorted per row, ``labels [G, n])``; rows with at most ``k`` values are exact.
+    """
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    x = np.asarray(x, dtype=np.float64)
+    g, n = x.shape
+    if not np.all(np.isfinite(x)):
+        raise ConfigError("weights contain NaN or infinity")
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64).reshape(g, n)
+    if np.any(w < 0) or not np.all(np.isfinite(w)):
+        raise ConfigError("clustering weights must be finite and non-negative")
+    order = np.argsort(x, axis=1, kind="stable")
+    xs = np.take_along_axis(x, order, axis=1)
+    rows = np.arange(g)[:, None]
+    if n <= k:
+        cents = np.concatenate([xs, np.repeat(xs[:, -1:], k - n, axis=1)], axis=1)
+        labels = np.empty((g, n), dtype=np.intp)
+        labels[rows, order] = np.arange(n)[None, :]
+        return cents, labels
+    ws = np.take_along_axis(w, order, axis=1) + 1e-12 * (w.max() + 1e-30)
+    lo = xs[:, :1]
+    span = xs[:, -1:] - lo
+    span[span == 0] = 1.0
+    z = (xs - lo) / span
+    zero = np.zeros((g, 1))
+    cw = np.concatenate([zero, np.cumsum(ws, axis=1)], axis=1)
+    cwx = np.concatenate([zero, np.cumsum(ws * z, axis=1)], axis=1)
+    cwxx = np.concatenate([zero, np.cumsum(ws * z * z, axis=1)], axis=1)
+
+    def sums(c):
+        mids = (c[:, 1:] + c[:, :-1]) / 2
+        pos = _row_search(z, mids)
+        bounds = np.concatenate([np.zeros((g, 1), np.intp), pos, np.full((g, 1), n)], axis=1)
+        take = lambda a: np.take_along_axis(a, bounds[:, 1:], 1) - np.take_along_axis(a, bounds[:, :-1], 1)
+        return take(cw), take(cwx), take(cwxx)
+
+    def lloyd(c):
+        c = np.sort(c, axis=1)
+        for _ in range(max_iter):
+            sw, swx, _ = sums(c)
+            new_c = np.sort(np.where(sw > 0, swx / np.where(sw > 0, sw, 1), c), axis=1)
+            moved = np.max(np.abs(new_c - c))
+            c = new_c
+            if moved <= tol:
+                break
+        sw, swx, swxx = sums(c)
+        sse = np.sum(np.maximum(swxx - swx * swx / np.where(sw > 0, sw, 1), 0), axis=1)
+        return c, sse
+
+    def seed(name):
+        if name == "linear":
+            return np.broadcast_to(np.linspace(0.0, 1.0, k), (g, k)).copy()
+        if name == "density":
+            return _row_quantiles(z, ws, k)
+        # companding: mass per value ~ p^(1/3) / p = (local spacing)^(2/3)
+        h = max(1, n // (2 * k))
+        idx = np.arange(n)
+        gap = z[:, np.minimum(idx + h, n - 1)] - z[:, np.maximum(idx - h, 0)]
+        return _row_quantiles(z, ws * (gap + 1e-12) ** (2.0 / 3.0), k)
+
+    names = ("companding", "density", "linear") if init in ("auto", "kmeans++") else (init,)
+    best_c, best_sse = lloyd(seed(names[0]))
+    for name in names[1:]:
+        c, sse = lloyd(seed(name))
+        better = sse < best_sse
+        best_c[better], best_sse[better] = c[better], sse[better]
+    mids = (best_c[:, 1:] + best_c[:, :-1]) / 2
+    zq = (x - lo) / span
+    labels = np.minimum(_row_search(np.sort(mids, axis=1), zq.clip(0, 1)) if k > 1 else np.zeros_like(x, np.intp), k - 1)
+    # Final centroids: exact weighted means of their members (empty ones keep their place).
+    flat = (rows * k + labels).ravel()
+    sw = np.bincount(flat, weights=w.ravel() + 1e-300, minlength=g * k).reshape(g, k)
+    swx = np.bincount(flat, weights=(w * x).ravel(), minlength=g * k).reshape(g, k)
+    filled = sw > 0
+    means = swx / np.where(filled, sw, 1)
+    # Empty clusters (never indexed) copy the nearest filled entry below (or above), so rows stay sorted.
+    src = np.maximum.accumulate(np.where(filled, np.arange(k)[None, :], -1), axis=1)
+    first = np.argmax(filled, axis=1)[:, None]
+    src = np.where(src < 0, first, src)
+    cents = np.take_along_axis(means, src, axis=1)
+    # Rows with at most k distinct values are reproduced exactly.
+    distinct = 1 + np.count_nonzero(np.diff(xs, axis=1), axis=1)
+    for r in np.flatnonzero(distinct <= k):
+        uniq = np.unique(xs[r])
+        cents[r] = np.pad(uniq, (0, k - uniq.size), mode="edge")
+        labels[r] = np.searchsorted(uniq, x[r])
+    return cents, labels
+
+
 def _groups(weight: np.ndarray, axis: int, group_size: int):
     """Yield (group index, slice of the channel axis) for each codebook row."""
     channels = weight.shape[axis]
@@ -247,7 +364,24 @@ def cluster_weight(
     imp = None if importance is None else np.moveaxis(np.asarray(importance, dtype=np.float64), axis, 0)
     indices = np.empty(moved.shape, dtype=np.uint8)
     rows: list[np.ndarray] = []
-    for g, sl in _groups(weight, axis, group_size):
+    full = channels // group_size
+    if method == "kmeans" and full > 1:
+        # Many codebooks: one vectorised call for all full groups, then the remainder.
+        n_full = full * group_size
+        block = moved[:n_full].reshape(full, -1)
+        wts = None if imp is None else imp[:n_full].reshape(full, -1)
+        cents, labels = kmeans_rows(block, k, init=init, weights=wts)
+        rows.extend(cents)
+        indices[:n_full] = labels.reshape(moved[:n_full].shape)
+        if n_full < channels:
+            rest = moved[n_full:]
+            c, l = kmeans_1d(rest, k, init=init, weights=None if imp is None else imp[n_full:], seed=seed + full)
+            rows.append(c)
+            indices[n_full:] = l.reshape(rest.shape)
+        groups_iter = []
+    else:
+        groups_iter = list(_groups(weight, axis, group_size))
+    for g, sl in groups_iter:
         block = moved[sl]
         if method == "binary":
             scale = float(np.mean(np.abs(block))) if block.size else 0.0
