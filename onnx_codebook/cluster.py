@@ -225,14 +225,14 @@ def _row_quantiles(z: np.ndarray, mass: np.ndarray, k: int) -> np.ndarray:
 
 def kmeans_rows(
     x: np.ndarray, k: int, *, init: str = "auto", weights: np.ndarray | None = None,
-    max_iter: int = 300, tol: float = 1e-7,
+    max_iter: int = 300, tol: float = 1e-7, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted 1-D k-means of every row of ``x`` ``[G, n]`` at once.
 
     Same method as :func:`kmeans_1d` (Lloyd on sorted values with prefix sums),
     vectorised over rows — per-channel and grouped codebooks of a layer are one
     call instead of one per channel.  ``init="auto"`` keeps, per row, the best of
-    the companding, density and linear seedings.  Returns ``(centroids [G, k]``
+    the companding, density, linear and (when cheap enough) greedy k-means++ seedings.  Returns ``(centroids [G, k]``
     sorted per row, ``labels [G, n])``; rows with at most ``k`` values are exact.
     """
     if init not in INITS:
@@ -241,6 +241,7 @@ def kmeans_rows(
     g, n = x.shape
     if not np.all(np.isfinite(x)):
         raise ConfigError("weights contain NaN or infinity")
+    rng_seed = seed
     w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64).reshape(g, n)
     if np.any(w < 0) or not np.all(np.isfinite(w)):
         raise ConfigError("clustering weights must be finite and non-negative")
@@ -267,18 +268,37 @@ def kmeans_rows(
         pos = _row_search(z, mids)
         bounds = np.concatenate([np.zeros((g, 1), np.intp), pos, np.full((g, 1), n)], axis=1)
         take = lambda a: np.take_along_axis(a, bounds[:, 1:], 1) - np.take_along_axis(a, bounds[:, :-1], 1)
-        return take(cw), take(cwx), take(cwxx)
+        return take(cw), take(cwx), take(cwxx), bounds
 
     def lloyd(c):
         c = np.sort(c, axis=1)
+        reseeds = 0
         for _ in range(max_iter):
-            sw, swx, _ = sums(c)
-            new_c = np.sort(np.where(sw > 0, swx / np.where(sw > 0, sw, 1), c), axis=1)
+            sw, swx, swxx, bounds = sums(c)
+            empty = sw <= 0
+            new_c = np.where(empty, c, swx / np.where(empty, 1, sw))
+            reseeded = False
+            if empty.any() and reseeds < 8:
+                # Move the i-th empty centroid of a row into the row's i-th worst cluster.
+                reseeds += 1
+                er = np.flatnonzero(empty.any(axis=1))
+                e = empty[er]
+                sse = np.where(e, -1.0, swxx[er] - swx[er] ** 2 / np.where(e, 1, sw[er]))
+                worst_first = np.argsort(-sse, axis=1)
+                nth = np.clip(np.cumsum(e, axis=1) - 1, 0, k - 1)
+                target = np.take_along_axis(worst_first, nth, axis=1)
+                a = np.take_along_axis(bounds[er], target, 1)
+                b = np.take_along_axis(bounds[er], target + 1, 1)
+                ok = e & (b - a >= 2)
+                rr, jj = np.nonzero(ok)
+                new_c[er[rr], jj] = z[er[rr], (a[rr, jj] + b[rr, jj]) // 2]
+                reseeded = bool(ok.any())
+            new_c = np.sort(new_c, axis=1)
             moved = np.max(np.abs(new_c - c))
             c = new_c
-            if moved <= tol:
+            if moved <= tol and not reseeded:
                 break
-        sw, swx, swxx = sums(c)
+        sw, swx, swxx, _ = sums(c)
         sse = np.sum(np.maximum(swxx - swx * swx / np.where(sw > 0, sw, 1), 0), axis=1)
         return c, sse
 
@@ -293,10 +313,38 @@ def kmeans_rows(
         gap = z[:, np.minimum(idx + h, n - 1)] - z[:, np.maximum(idx - h, 0)]
         return _row_quantiles(z, ws * (gap + 1e-12) ** (2.0 / 3.0), k)
 
-    names = ("companding", "density", "linear") if init in ("auto", "kmeans++") else (init,)
-    best_c, best_sse = lloyd(seed(names[0]))
-    for name in names[1:]:
-        c, sse = lloyd(seed(name))
+    def kmeanspp(rng):
+        # Greedy k-means++ on every row at once: per step, a few D^2-sampled
+        # candidates per row, keeping the one that lowers the row's potential most.
+        trials = 2 + int(np.log(k))
+        ridx = np.arange(g)
+        first = np.minimum(_row_search(np.cumsum(ws, 1) / np.sum(ws, 1, keepdims=True),
+                                       rng.random((g, 1)), side="left"), n - 1)
+        centers = [np.take_along_axis(z, first, 1)[:, 0]]
+        d2 = (z - centers[0][:, None]) ** 2 * ws
+        for _ in range(1, k):
+            cum = np.cumsum(d2, axis=1)
+            total = cum[:, -1:]
+            safe = np.where(total > 0, total, 1)
+            picks = np.minimum(_row_search(cum / safe, rng.random((g, trials)), side="left"), n - 1)
+            cand = np.take_along_axis(z, picks, 1)  # [g, trials]
+            pot = np.minimum(d2[:, None, :], (z[:, None, :] - cand[:, :, None]) ** 2 * ws[:, None, :])
+            best = np.argmin(pot.sum(axis=2), axis=1)
+            centers.append(cand[ridx, best])
+            d2 = pot[ridx, best]
+        return np.stack(centers, axis=1)
+
+    names = {"auto": ("companding", "density", "linear"), "kmeans++": ()}.get(init, (init,))
+    # k-means++ seeding costs O(k^2 n) per row: part of "auto" only while that stays cheap.
+    cost = k * k * (2 + np.log(k)) * n * g
+    draws = int(min(3, 4e8 // max(cost, 1)))
+    if init == "kmeans++":
+        draws = max(draws, 1)
+    runs = [lloyd(seed(name)) for name in names]
+    rng = np.random.default_rng(rng_seed)
+    runs.extend(lloyd(kmeanspp(rng)) for _ in range(draws))
+    best_c, best_sse = runs[0]
+    for c, sse in runs[1:]:
         better = sse < best_sse
         best_c[better], best_sse[better] = c[better], sse[better]
     mids = (best_c[:, 1:] + best_c[:, :-1]) / 2
@@ -370,7 +418,7 @@ def cluster_weight(
         n_full = full * group_size
         block = moved[:n_full].reshape(full, -1)
         wts = None if imp is None else imp[:n_full].reshape(full, -1)
-        cents, labels = kmeans_rows(block, k, init=init, weights=wts)
+        cents, labels = kmeans_rows(block, k, init=init, weights=wts, seed=seed)
         rows.extend(cents)
         indices[:n_full] = labels.reshape(moved[:n_full].shape)
         if n_full < channels:

@@ -1,0 +1,292 @@
+// CodebookConv: ONNX Conv (1-D and 2-D) whose constant weight is stored as packed
+// codebook indices (see onnx_codebook/schema.py).
+//
+// Grouped and dense convolutions run as a GEMM per group, Y_g[M_g, N*P] =
+// W_g[M_g, K_g] * col_g[K_g, N*P], where the weight panels are decoded on the fly and
+// the im2col panels are gathered straight from X (no im2col buffer).  Convolutions
+// with one input channel per group (depthwise) run directly.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "codebook_ops.h"
+#include "kernels.h"
+
+namespace onnx_codebook {
+
+namespace {
+
+// Geometry of one Conv call, normalised to two spatial axes (1-D uses H = 1).
+struct ConvGeometry {
+  int64_t batch = 0, channels = 0, height = 1, width = 0;
+  int64_t out_channels = 0, group = 1, cin_per_group = 0, cout_per_group = 0;
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, dh = 1, dw = 1;
+  int64_t pad_top = 0, pad_left = 0;
+  int64_t out_h = 1, out_w = 0;
+};
+
+// Output size and leading pad of one spatial axis.
+void ResolveAxis(const std::string& op, const std::string& auto_pad, int64_t in, int64_t kernel, int64_t stride,
+                 int64_t dilation, int64_t pad_begin, int64_t pad_end, int64_t* out, int64_t* lead) {
+  const int64_t span = (kernel - 1) * dilation + 1;
+  if (auto_pad == "SAME_UPPER" || auto_pad == "SAME_LOWER") {
+    *out = (in + stride - 1) / stride;
+    const int64_t total = std::max<int64_t>(0, (*out - 1) * stride + span - in);
+    *lead = auto_pad == "SAME_UPPER" ? total / 2 : total - total / 2;
+    return;
+  }
+  if (auto_pad == "VALID") pad_begin = pad_end = 0;
+  const int64_t padded = in + pad_begin + pad_end;
+  if (padded < span) {
+    Fail(op, "input size " + std::to_string(in) + " (padded " + std::to_string(padded) +
+                 ") is smaller than the dilated kernel " + std::to_string(span));
+  }
+  *out = (padded - span) / stride + 1;
+  *lead = pad_begin;
+}
+
+// Depthwise-style convolution: every output channel reads a single input channel.
+void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, float* y,
+                const OrtKernelContext* ctx) {
+  const int64_t planes = g.batch * g.out_channels;
+  const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
+  const DepthwisePlan plan = PlanDepthwise(g.height, g.width, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pad_top,
+                                           g.pad_left, g.out_h, g.out_w);
+  // Several planes per task so that small planes do not drown in scheduling.
+  const int64_t work = std::max<int64_t>(1, out_plane * g.kh * g.kw);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(planes / 8 + 1, 32768 / work));
+  const int64_t tasks = (planes + chunk - 1) / chunk;
+  ParallelFor(ctx, tasks, [&](int64_t task) {
+    thread_local std::vector<float> taps_buf;
+    if (taps_buf.size() < static_cast<size_t>(w.cols_padded)) taps_buf.resize(static_cast<size_t>(w.cols_padded));
+    float* taps = taps_buf.data();
+    for (int64_t t = task * chunk; t < std::min(planes, (task + 1) * chunk); ++t) {
+      const int64_t n = t / g.out_channels, co = t % g.out_channels;
+      const int64_t ci = co / g.cout_per_group;  // cin_per_group == 1
+      DecodeRow(w, co, 0, w.cols, taps);
+      DepthwisePlane(plan, x + (n * g.channels + ci) * in_plane, taps, y + (n * g.out_channels + co) * out_plane);
+    }
+  });
+}
+
+// Packs columns [j0, j0 + nj) x rows [k0, k0 + kc) of group `grp`'s implicit
+// im2col matrix into strips of [kc][kNR].
+struct Im2colPacker {
+  const ConvGeometry& g;
+  const float* x;
+  int64_t grp;
+  std::vector<int64_t> k_offset, k_dh, k_dw;  // per reduction index: channel offset, row/col shift
+
+  Im2colPacker(const ConvGeometry& geom, const float* input, int64_t group_index) : g(geom), x(input), grp(group_index) {
+    const int64_t taps = g.kh * g.kw, K = g.cin_per_group * taps;
+    k_offset.resize(static_cast<size_t>(K));
+    k_dh.resize(static_cast<size_t>(K));
+    k_dw.resize(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t c = k / taps, t = k % taps;
+      k_offset[k] = c * g.height * g.width;
+      k_dh[k] = (t / g.kw) * g.dh;
+      k_dw[k] = (t % g.kw) * g.dw;
+    }
+  }
+
+  bool Pointwise() const {
+    return g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.pad_top == 0 && g.pad_left == 0 &&
+           g.out_h == g.height && g.out_w == g.width;
+  }
+
+  void Pack(int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst) const {
+    const int64_t P = g.out_h * g.out_w;
+    const int64_t image = g.channels * g.height * g.width;
+    const int64_t group_offset = grp * g.cin_per_group * g.height * g.width;
+    const bool pointwise = Pointwise();
+    for (int64_t q = 0; q * kNR < nj; ++q) {
+      float* strip = dst + q * kNR * kc;
+      const int64_t jb = j0 + q * kNR;
+      const int64_t live = std::min(kNR, nj - q * kNR);
+      const int64_t n0 = jb / P, p0 = jb % P;
+      if (pointwise && live == kNR && p0 + kNR <= P) {
+        const float* src = x + n0 * image + group_offset + p0;
+        for (int64_t k = 0; k < kc; ++k) std::memcpy(strip + k * kNR, src + k_offset[k0 + k], kNR * sizeof(float));
+        continue;
+      }
+      // Runs of columns that share an output row: for every reduction index a run
+      // reads one input row, contiguously when the stride is 1.
+      struct Run {
+        int64_t j, len, base, ih0, iw0;
+      } runs[kNR];
+      int nruns = 0;
+      for (int64_t j = 0; j < live;) {
+        const int64_t col = jb + j, n = col / P, p = col % P;
+        const int64_t oh = p / g.out_w, ow = p % g.out_w;
+        const int64_t len = std::min(live - j, g.out_w - ow);
+        runs[nruns++] = {j, len, n * image + group_offset, oh * g.sh - g.pad_top, ow * g.sw - g.pad_left};
+        j += len;
+      }
+      for (int64_t k = 0; k < kc; ++k) {
+        const int64_t kk = k0 + k;
+        const int64_t off = k_offset[kk], dh = k_dh[kk], dw = k_dw[kk];
+        float* out = strip + k * kNR;
+        for (int64_t j = live; j < kNR; ++j) out[j] = 0.f;
+        for (int r = 0; r < nruns; ++r) {
+          const Run& run = runs[r];
+          float* o = out + run.j;
+          const int64_t ih = run.ih0 + dh;
+          if (static_cast<uint64_t>(ih) >= static_cast<uint64_t>(g.height)) {
+            for (int64_t t = 0; t < run.len; ++t) o[t] = 0.f;
+            continue;
+          }
+          const float* src = x + run.base + off + ih * g.width;
+          const int64_t iw0 = run.iw0 + dw;
+          // t is valid when 0 <= iw0 + t * sw < width
+          const int64_t lo = std::min(run.len, iw0 >= 0 ? 0 : (-iw0 + g.sw - 1) / g.sw);
+          const int64_t hi = std::max(lo, std::min(run.len, g.width - iw0 <= 0 ? 0 : (g.width - iw0 + g.sw - 1) / g.sw));
+          if (g.sw == 1 && lo == 0 && hi == kNR) {
+            std::memcpy(o, src + iw0, kNR * sizeof(float));  // fixed size: inlined
+            continue;
+          }
+          for (int64_t t = 0; t < lo; ++t) o[t] = 0.f;
+          if (g.sw == 1) {
+            for (int64_t t = lo; t < hi; ++t) o[t] = src[iw0 + t];
+          } else {
+            for (int64_t t = lo; t < hi; ++t) o[t] = src[iw0 + t * g.sw];
+          }
+          for (int64_t t = hi; t < run.len; ++t) o[t] = 0.f;
+        }
+      }
+    }
+  }
+};
+
+}  // namespace
+
+ConvKernel::ConvKernel(const OrtKernelInfo* info) {
+  weight_ = LoadCodebookWeight(info, op_, ChannelAxis::kFirst, &weight_shape_);
+  const size_t rank = weight_shape_.size();
+  if (rank != 3 && rank != 4) {
+    Fail(op_, "only 1-D and 2-D convolutions are supported, weight_shape is " + ShapeString(weight_shape_));
+  }
+  const size_t spatial = rank - 2;
+  kernel_.assign(weight_shape_.begin() + 2, weight_shape_.end());
+  bool found = false;
+  const std::vector<int64_t> kernel_shape = AttrInts(info, "kernel_shape", &found);
+  if (found && kernel_shape != kernel_) {
+    Fail(op_, "kernel_shape " + ShapeString(kernel_shape) + " does not match weight_shape " + ShapeString(weight_shape_));
+  }
+  strides_ = AttrInts(info, "strides", &found);
+  if (!found) strides_.assign(spatial, 1);
+  dilations_ = AttrInts(info, "dilations", &found);
+  if (!found) dilations_.assign(spatial, 1);
+  pads_ = AttrInts(info, "pads", &found);
+  if (!found) pads_.assign(2 * spatial, 0);
+  if (strides_.size() != spatial || dilations_.size() != spatial || pads_.size() != 2 * spatial) {
+    Fail(op_, "strides, dilations and pads must have " + std::to_string(spatial) + ", " + std::to_string(spatial) +
+                  " and " + std::to_string(2 * spatial) + " entries");
+  }
+  for (size_t i = 0; i < spatial; ++i) {
+    if (strides_[i] < 1 || dilations_[i] < 1) Fail(op_, "strides and dilations must be >= 1");
+    if (pads_[i] < 0 || pads_[i + spatial] < 0) Fail(op_, "pads must be >= 0");
+  }
+  auto_pad_ = AttrString(info, "auto_pad", "NOTSET");
+  if (auto_pad_ != "NOTSET" && auto_pad_ != "SAME_UPPER" && auto_pad_ != "SAME_LOWER" && auto_pad_ != "VALID") {
+    Fail(op_, "unknown auto_pad '" + auto_pad_ + "'");
+  }
+  group_ = AttrInt(info, "group", 1);
+  if (group_ < 1 || weight_shape_[0] % group_ != 0) {
+    Fail(op_, "group " + std::to_string(group_) + " does not divide the " + std::to_string(weight_shape_[0]) +
+                  " output channels");
+  }
+}
+
+OrtStatus* ConvKernel::ComputeV2(OrtKernelContext* context) noexcept {
+  return GuardStatus(op_.c_str(), [&] { Compute(context); });
+}
+
+void ConvKernel::Compute(OrtKernelContext* context) {
+  Ort::KernelContext ctx(context);
+  auto input = ctx.GetInput(0);
+  const std::vector<int64_t> x_shape = input.GetTensorTypeAndShapeInfo().GetShape();
+  const size_t rank = weight_shape_.size();
+  if (x_shape.size() != rank) {
+    Fail(op_, "input X has shape " + ShapeString(x_shape) + ", expected rank " + std::to_string(rank));
+  }
+  ConvGeometry g;
+  g.batch = x_shape[0];
+  g.channels = x_shape[1];
+  g.group = group_;
+  g.out_channels = weight_shape_[0];
+  g.cin_per_group = weight_shape_[1];
+  g.cout_per_group = g.out_channels / group_;
+  if (g.channels != g.cin_per_group * group_) {
+    Fail(op_, "input X has " + std::to_string(g.channels) + " channels, weight_shape " + ShapeString(weight_shape_) +
+                  " with group " + std::to_string(group_) + " needs " + std::to_string(g.cin_per_group * group_));
+  }
+  const bool two_d = rank == 4;
+  const size_t s = rank - 2;
+  g.width = x_shape[rank - 1];
+  g.kw = kernel_[s - 1];
+  g.sw = strides_[s - 1];
+  g.dw = dilations_[s - 1];
+  ResolveAxis(op_, auto_pad_, g.width, g.kw, g.sw, g.dw, pads_[s - 1], pads_[2 * s - 1], &g.out_w, &g.pad_left);
+  if (two_d) {
+    g.height = x_shape[2];
+    g.kh = kernel_[0];
+    g.sh = strides_[0];
+    g.dh = dilations_[0];
+    ResolveAxis(op_, auto_pad_, g.height, g.kh, g.sh, g.dh, pads_[0], pads_[2], &g.out_h, &g.pad_top);
+  }
+  std::vector<int64_t> y_shape{g.batch, g.out_channels};
+  if (two_d) y_shape.push_back(g.out_h);
+  y_shape.push_back(g.out_w);
+  auto output = ctx.GetOutput(0, y_shape);
+  float* y = output.GetTensorMutableData<float>();
+  const int64_t P = g.out_h * g.out_w;
+
+  // Initialise Y with the bias (or zero); the kernels accumulate into it.
+  const float* bias = nullptr;
+  if (ctx.GetInputCount() > 3) {
+    auto b = ctx.GetInput(3);
+    if (b != nullptr) {
+      const std::vector<int64_t> b_shape = b.GetTensorTypeAndShapeInfo().GetShape();
+      if (b_shape.size() != 1 || b_shape[0] != g.out_channels) {
+        Fail(op_, "input B has shape " + ShapeString(b_shape) + ", expected [" + std::to_string(g.out_channels) + "]");
+      }
+      bias = b.GetTensorData<float>();
+    }
+  }
+  if (g.batch == 0 || P == 0) return;
+  const float* x = input.GetTensorData<float>();
+  if (g.cin_per_group == 1) {
+    for (int64_t n = 0; n < g.batch; ++n)
+      for (int64_t c = 0; c < g.out_channels; ++c) std::fill_n(y + (n * g.out_channels + c) * P, P, bias ? bias[c] : 0.f);
+    DirectConv(weight_, g, x, y, context);
+    return;
+  }
+  const int64_t columns = g.batch * P;
+  for (int64_t grp = 0; grp < group_; ++grp) {
+    Im2colPacker packer(g, x, grp);
+    GemmSpec spec;
+    spec.M = g.cout_per_group;
+    spec.N = columns;
+    spec.K = weight_.cols;
+    spec.block_m = 240;
+    spec.block_n = 512;
+    spec.pack_a_cost = 1.0;  // decoding weights
+    spec.pack_b_cost = 1.0;  // gathering im2col columns
+    const int64_t row0 = grp * g.cout_per_group;
+    const CodebookWeight& w = weight_;
+    spec.pack_a = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
+      PackWeightPanels(w, row0, i0, mi, k0, kc, kMR, dst);
+    };
+    spec.pack_b = [&](int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst) { packer.Pack(j0, nj, k0, kc, dst); };
+    spec.c = y + row0 * P;
+    spec.init_c = true;  // every element is written by the first reduction block
+    spec.row_bias = bias ? bias + row0 : nullptr;
+    spec.row_stride = P;
+    spec.col_div = P;
+    spec.col_outer = g.out_channels * P;
+    RunGemm(spec, context);
+  }
+}
+
+}  // namespace onnx_codebook

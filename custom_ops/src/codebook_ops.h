@@ -1,0 +1,88 @@
+// Kernel and op declarations for the onnx_codebook domain.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "op_common.h"
+
+namespace onnx_codebook {
+
+inline constexpr const char* kConvName = "CodebookConv";
+inline constexpr const char* kGemmName = "CodebookGemm";
+inline constexpr const char* kMatMulName = "CodebookMatMul";
+
+// y[M, N] += alpha * op(A) * W^T for the codebook weight W (N rows of K entries).
+void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans_a, float alpha, float* y,
+                  const OrtKernelContext* ctx);
+
+class GemmKernel {
+ public:
+  GemmKernel(const OrtKernelInfo* info, bool matmul);
+  OrtStatus* ComputeV2(OrtKernelContext* context) noexcept;
+
+ private:
+  void ComputeGemm(OrtKernelContext* context);
+  void ComputeMatMul(OrtKernelContext* context);
+
+  std::string op_;
+  bool matmul_ = false;
+  float alpha_ = 1.f, beta_ = 1.f;
+  bool trans_a_ = false, trans_b_ = false;
+  CodebookWeight weight_;
+};
+
+class ConvKernel {
+ public:
+  explicit ConvKernel(const OrtKernelInfo* info);
+  OrtStatus* ComputeV2(OrtKernelContext* context) noexcept;
+
+ private:
+  void Compute(OrtKernelContext* context);
+
+  std::string op_ = kConvName;
+  std::string auto_pad_;
+  std::vector<int64_t> weight_shape_, kernel_, strides_, dilations_, pads_;
+  int64_t group_ = 1;
+  CodebookWeight weight_;
+};
+
+// Op descriptors; inputs: X/A, indices, codebook[, bias/C].
+template <typename Derived, typename Kernel>
+struct CodebookOpBase : Ort::CustomOpBase<Derived, Kernel, /*WithStatus=*/true> {
+  size_t GetInputTypeCount() const { return static_cast<const Derived*>(this)->kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+struct CodebookConvOp : CodebookOpBase<CodebookConvOp, ConvKernel> {
+  static constexpr size_t kInputs = 4;
+  const char* GetName() const { return kConvName; }
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
+    return GuardStatus(kConvName, [&] { *kernel = new ConvKernel(info); });
+  }
+};
+
+struct CodebookGemmOp : CodebookOpBase<CodebookGemmOp, GemmKernel> {
+  static constexpr size_t kInputs = 4;
+  const char* GetName() const { return kGemmName; }
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
+    return GuardStatus(kGemmName, [&] { *kernel = new GemmKernel(info, false); });
+  }
+};
+
+struct CodebookMatMulOp : CodebookOpBase<CodebookMatMulOp, GemmKernel> {
+  static constexpr size_t kInputs = 3;
+  const char* GetName() const { return kMatMulName; }
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
+    return GuardStatus(kMatMulName, [&] { *kernel = new GemmKernel(info, true); });
+  }
+};
+
+}  // namespace onnx_codebook

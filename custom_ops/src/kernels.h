@@ -1,0 +1,73 @@
+// Compute kernels: weight decoding, a small-M row kernel and a blocked GEMM whose
+// weight operand is decoded panel by panel (the whole layer is never expanded).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "op_common.h"
+
+namespace onnx_codebook {
+
+// Micro-tile of the blocked GEMM: MR rows of A (broadcast) x NR columns of B (vector).
+inline constexpr int64_t kMR = 6;
+inline constexpr int64_t kNR = 16;
+inline constexpr int64_t kKC = 256;
+
+// True when the AVX2/FMA/BMI2 kernels are used (decided once, at load time).
+bool UsesAvx2();
+
+// Decodes weight row `r`, entries [k0, k0 + count), k0 % 8 == 0, into out
+// (room for count rounded up to 8).
+void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, float* out);
+
+// Packs rows [row0 + i0, row0 + i0 + n) x cols [k0, k0 + kc) of the weight into
+// panels of `width` rows: panel p holds [kc][width], rows past n are zero.
+void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc,
+                      int64_t width, float* dst);
+
+// y[m * ldy + r] += alpha * sum_c a[m * lda + c] * w(r, c) for m < rows_a (<= 8) and
+// r in [r0, r1).  `a` rows hold w.cols_padded floats, zero past w.cols.
+void RowsTimesWeight(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0, int64_t r1,
+                     float alpha, float* y, int64_t ldy);
+
+// C(i, j) += alpha * sum_k A(i, k) B(k, j) for i < M, j < N, with
+// C(i, j) at c[i * row_stride + (j / col_div) * col_outer + j % col_div].
+// pack_a(i0, mi, k0, kc, dst) writes ceil(mi / kMR) panels of [kc][kMR];
+// pack_b(j0, nj, k0, kc, dst) writes ceil(nj / kNR) strips of [kc][kNR]; both zero-pad.
+struct GemmSpec {
+  int64_t M = 0, N = 0, K = 0;
+  float alpha = 1.f;
+  int64_t block_m = 96, block_n = 256;  // largest task tiles (multiples of kMR / kNR)
+  double pack_a_cost = 1.0, pack_b_cost = 1.0;  // cycles per packed element, for tiling
+  std::function<void(int64_t, int64_t, int64_t, int64_t, float*)> pack_a;
+  std::function<void(int64_t, int64_t, int64_t, int64_t, float*)> pack_b;
+  float* c = nullptr;
+  // init_c: C holds garbage and is overwritten with row_bias[i] (or 0) + alpha * A B.
+  bool init_c = false;
+  const float* row_bias = nullptr;
+  int64_t row_stride = 0;
+  int64_t col_div = INT64_MAX;
+  int64_t col_outer = 0;
+};
+
+// Geometry of a depthwise convolution of one plane.
+struct DepthwisePlan {
+  int64_t height, width, kh, kw, sh, sw, dh, dw, pad_top, pad_left, out_h, out_w;
+  int64_t padded_h, phase_w;     // scratch layout, set by PlanDepthwise
+  std::vector<int64_t> offsets;  // per tap: read offset of output (0, 0) in the scratch
+};
+DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                            int64_t dh, int64_t dw, int64_t pad_top, int64_t pad_left, int64_t out_h, int64_t out_w);
+// y[out_h, out_w] += conv(x[height, width], taps[kh, kw]) for one channel plane.
+void DepthwisePlane(const DepthwisePlan& plan, const float* x, const float* taps, float* y);
+
+// Runs a GEMM on onnxruntime's intra-op pool (serially when ctx is null).
+void RunGemm(const GemmSpec& spec, const OrtKernelContext* ctx);
+
+// Runs fn(i) for i < total on onnxruntime's intra-op pool; exceptions inside are
+// caught and rethrown on the calling thread.
+void ParallelFor(const OrtKernelContext* ctx, int64_t total, const std::function<void(int64_t)>& fn);
+
+}  // namespace onnx_codebook

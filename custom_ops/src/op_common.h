@@ -1,0 +1,76 @@
+// Helpers shared by the CodebookConv / CodebookGemm / CodebookMatMul kernels:
+// attribute access, errors, and the compressed weight read at kernel creation.
+#pragma once
+
+#ifndef ORT_API_MANUAL_INIT
+#define ORT_API_MANUAL_INIT  // symbols come through the OrtApi struct, nothing is linked
+#endif
+#include <onnxruntime_cxx_api.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace onnx_codebook {
+
+inline constexpr const char* kDomain = "onnx_codebook";
+
+// Every error raised by the kernels; turned into an OrtStatus at the ABI boundary.
+[[noreturn]] inline void Fail(const std::string& op, const std::string& what) {
+  throw Ort::Exception(op + ": " + what, ORT_INVALID_ARGUMENT);
+}
+
+// Runs `body` and converts any exception into an OrtStatus (nullptr on success).
+template <typename Body>
+OrtStatus* GuardStatus(const char* op, Body&& body) noexcept {
+  try {
+    body();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(op) + ": " + e.what()).c_str());
+  } catch (...) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(op) + ": unknown error").c_str());
+  }
+}
+
+// Attribute readers with defaults for optional attributes.
+int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t fallback, bool* found = nullptr);
+float AttrFloat(const OrtKernelInfo* info, const char* name, float fallback);
+std::vector<int64_t> AttrInts(const OrtKernelInfo* info, const char* name, bool* found = nullptr);
+std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& fallback);
+
+// A compressed weight viewed as `rows` output channels of `cols` reduction entries:
+// value(r, c) = lut[(r / group_size) * lut_stride + index(r, c)].
+// Indices are stored row by row at exactly `bits` bits, each row padded to a
+// multiple of 8 indices (row_bytes = cols_padded / 8 * bits), plus 8 spare bytes.
+struct CodebookWeight {
+  int bits = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t cols_padded = 0;
+  int64_t row_bytes = 0;
+  int64_t group_size = 1;
+  int64_t k = 0;
+  int64_t lut_stride = 0;  // >= max(k, 8); entries past k are 0
+  std::vector<uint8_t> indices;
+  std::vector<float> lut;
+
+  const uint8_t* Row(int64_t r) const { return indices.data() + r * row_bytes; }
+  const float* Lut(int64_t r) const { return lut.data() + (r / group_size) * lut_stride; }
+};
+
+// How the weight_shape maps to (rows, cols): the channel axis is either the first
+// axis (Conv, Gemm with transB) or the last of a 2-D shape (Gemm, MatMul).
+enum class ChannelAxis { kFirst, kLast };
+
+// Reads and validates inputs 1 (indices) and 2 (codebook) as constants; reads the
+// bits / weight_shape / group_size attributes.  Fails with a message naming `op`.
+CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& op,
+                                  ChannelAxis axis, std::vector<int64_t>* weight_shape);
+
+int64_t ShapeSize(const std::vector<int64_t>& shape);
+std::string ShapeString(const std::vector<int64_t>& shape);
+
+}  // namespace onnx_codebook

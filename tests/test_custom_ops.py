@@ -1,0 +1,361 @@
+"""The fused custom ops against plain onnxruntime Conv / Gemm / MatMul.
+
+Each case builds a fused model straight from the spec in ``onnx_codebook.schema``
+(random codebook and indices, packed with ``pack_bits``) and the same graph with the
+decoded float weight, runs both in onnxruntime and compares them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_codebook import ops, schema
+from onnx_codebook.pack import pack_bits
+
+RTOL = 1e-4
+OPSET = 17
+IR_VERSION = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library():
+    ok, message = ops.library_status()
+    if not ok:
+        if os.environ.get("ONNX_CODEBOOK_REQUIRE_OPS") == "1":
+            pytest.fail(f"ONNX_CODEBOOK_REQUIRE_OPS=1 but {message}")
+        pytest.skip(message)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def random_weight(rng, shape, axis, bits, group_size, k=None):
+    """(codebook [G, k], indices of `shape`, decoded float weight)."""
+    channels = shape[axis]
+    groups = -(-channels // group_size)
+    k = k or int(rng.integers(1, 2**bits + 1))
+    codebook = rng.standard_normal((groups, k)).astype(np.float32)
+    indices = rng.integers(0, k, size=shape).astype(np.uint8)
+    group_of = np.arange(channels) // group_size
+    expand = [1] * len(shape)
+    expand[axis] = channels
+    rows = group_of.reshape(expand)
+    weight = codebook[np.broadcast_to(rows, shape), indices].astype(np.float32)
+    return codebook, indices, weight
+
+
+def make_model(nodes, inputs, outputs, initializers, fused):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=initializers)
+    opsets = [helper.make_opsetid("", OPSET)]
+    if fused:
+        opsets.append(helper.make_opsetid(schema.DOMAIN, schema.DOMAIN_VERSION))
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = IR_VERSION
+    return model
+
+
+def run(model, feeds, threads=1):
+    options = ops.session_options(ops.uses_ops(model), threads)
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def tensor_info(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+
+def compare(fused_nodes, plain_nodes, feeds, fused_inits, plain_inits, threads=1):
+    inputs = [tensor_info(n, v.shape) for n, v in feeds.items()]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    fused = make_model(fused_nodes, inputs, outputs, fused_inits, fused=True)
+    plain = make_model(plain_nodes, inputs, outputs, plain_inits, fused=False)
+    got = run(fused, feeds, threads)
+    want = run(plain, feeds, threads)
+    assert got.shape == want.shape
+    scale = max(float(np.abs(want).max(initial=0.0)), 1e-6)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * scale)
+
+
+def codebook_inits(codebook, indices, bits):
+    return [
+        numpy_helper.from_array(pack_bits(indices, bits), "w.indices"),
+        numpy_helper.from_array(codebook, "w.codebook"),
+    ]
+
+
+def fused_attrs(bits, shape, group_size):
+    return {"bits": bits, "weight_shape": list(shape), "group_size": group_size}
+
+
+# ----------------------------------------------------------------------------- Conv
+
+
+def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, kernel=None, stride=None,
+              dilation=None, pads=None, auto_pad=None, bias=None, bits=None, group_size=None, threads=1):
+    batch = batch or int(rng.integers(1, 3))
+    group = group or int(rng.choice([1, 1, 2, 3]))
+    cin = cin or group * int(rng.integers(1, 5))
+    cout = cout or group * int(rng.integers(1, 5))
+    kernel = kernel or [int(rng.integers(1, 4)) for _ in range(spatial)]
+    stride = stride or [int(rng.integers(1, 3)) for _ in range(spatial)]
+    dilation = dilation or [int(rng.integers(1, 3)) for _ in range(spatial)]
+    size = [int(rng.integers(6, 12)) for _ in range(spatial)]
+    bits = bits or int(rng.integers(1, 9))
+    group_size = group_size or int(rng.choice([1, 2, 3, cout]))
+    if bias is None:
+        bias = bool(rng.integers(0, 2))
+    attrs = {"strides": stride, "dilations": dilation, "group": group, "kernel_shape": kernel}
+    if auto_pad is None:
+        auto_pad = str(rng.choice(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    if auto_pad == "NOTSET":
+        attrs["pads"] = pads or [int(rng.integers(0, 3)) for _ in range(2 * spatial)]
+    else:
+        attrs["auto_pad"] = auto_pad
+        if auto_pad.startswith("SAME"):  # onnxruntime's reference Conv rejects dilated SAME
+            attrs["dilations"] = [1] * spatial
+    wshape = [cout, cin // group, *kernel]
+    codebook, indices, weight = random_weight(rng, wshape, 0, bits, group_size)
+    x = rng.standard_normal((batch, cin, *size)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    ins_f = ["x", "w.indices", "w.codebook"] + (["b"] if bias else [])
+    ins_p = ["x", "W"] + (["b"] if bias else [])
+    fused = helper.make_node(
+        schema.CODEBOOK_CONV, ins_f, ["y"], domain=schema.DOMAIN, **attrs, **fused_attrs(bits, wshape, group_size)
+    )
+    plain = helper.make_node("Conv", ins_p, ["y"], **attrs)
+    extra = [numpy_helper.from_array(b, "b")] if bias else []
+    compare(
+        [fused],
+        [plain],
+        {"x": x},
+        codebook_inits(codebook, indices, bits) + extra,
+        [numpy_helper.from_array(weight, "W")] + extra,
+        threads,
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_conv2d_random(seed):
+    conv_case(np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_conv1d_random(seed):
+    conv_case(np.random.default_rng(100 + seed), spatial=1)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_conv_depthwise(seed):
+    rng = np.random.default_rng(200 + seed)
+    c = int(rng.integers(1, 9))
+    mult = int(rng.choice([1, 1, 2]))
+    k = int(rng.choice([3, 5]))
+    dilation = [1, 1] if k == 5 else None
+    conv_case(rng, cin=c, cout=c * mult, group=c, kernel=[k, k], dilation=dilation, threads=int(rng.integers(1, 3)))
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_conv_auto_pad(auto_pad, stride):
+    conv_case(np.random.default_rng(stride), auto_pad=auto_pad, stride=[stride, stride], kernel=[3, 2])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_pointwise_large(threads):
+    # K > one 256-deep block, channels > one tile, columns across images.
+    rng = np.random.default_rng(7)
+    conv_case(rng, batch=3, cin=300, cout=130, group=1, kernel=[1, 1], stride=[1, 1], dilation=[1, 1],
+              auto_pad="VALID", bits=4, group_size=1, threads=threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_3x3_large(threads):
+    rng = np.random.default_rng(8)
+    conv_case(rng, batch=2, cin=40, cout=100, group=1, kernel=[3, 3], stride=[1, 1], dilation=[1, 1],
+              pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=5, group_size=7, bias=True, threads=threads)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("group_size", [1, 3, 64])
+def test_conv_every_bits(bits, group_size):
+    conv_case(np.random.default_rng(bits * 10 + group_size), bits=bits, group_size=group_size, cout=12, group=1)
+
+
+# ----------------------------------------------------------------------------- Gemm
+
+
+def gemm_case(rng, *, M, K, N, trans_a, trans_b, alpha, beta, c_shape, bits, group_size, threads=1):
+    wshape = [N, K] if trans_b else [K, N]
+    axis = 0 if trans_b else 1
+    codebook, indices, weight = random_weight(rng, wshape, axis, bits, group_size)
+    a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
+    attrs = {"alpha": alpha, "beta": beta, "transA": int(trans_a), "transB": int(trans_b)}
+    extra, ins = [], []
+    if c_shape is not None:
+        extra = [numpy_helper.from_array(rng.standard_normal(c_shape).astype(np.float32), "c")]
+        ins = ["c"]
+    fused = helper.make_node(
+        schema.CODEBOOK_GEMM, ["a", "w.indices", "w.codebook", *ins], ["y"], domain=schema.DOMAIN,
+        **attrs, **fused_attrs(bits, wshape, group_size),
+    )
+    plain = helper.make_node("Gemm", ["a", "W", *ins], ["y"], **attrs)
+    compare([fused], [plain], {"a": a}, codebook_inits(codebook, indices, bits) + extra,
+            [numpy_helper.from_array(weight, "W")] + extra, threads)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    M=st.sampled_from([1, 2, 5, 8, 9, 31]),
+    K=st.integers(1, 300),
+    N=st.integers(1, 150),
+    trans_a=st.booleans(),
+    trans_b=st.booleans(),
+    alpha=st.sampled_from([1.0, 0.5, -2.0]),
+    beta=st.sampled_from([1.0, 0.0, 0.25]),
+    c_kind=st.sampled_from(["none", "scalar", "n", "1n", "m1", "mn"]),
+    bits=st.integers(1, 8),
+    group_size=st.sampled_from([1, 2, 5, 1000]),
+    seed=st.integers(0, 2**16),
+)
+def test_gemm_random(M, K, N, trans_a, trans_b, alpha, beta, c_kind, bits, group_size, seed):
+    c_shape = {"none": None, "scalar": (), "n": (N,), "1n": (1, N), "m1": (M, 1), "mn": (M, N)}[c_kind]
+    gemm_case(np.random.default_rng(seed), M=M, K=K, N=N, trans_a=trans_a, trans_b=trans_b, alpha=alpha,
+              beta=beta, c_shape=c_shape, bits=bits, group_size=group_size, threads=1 + seed % 2)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("M", [1, 4, 40])
+def test_gemm_every_bits(bits, M):
+    gemm_case(np.random.default_rng(bits + M), M=M, K=520, N=70, trans_a=False, trans_b=bool(bits % 2),
+              alpha=1.0, beta=1.0, c_shape=(70,), bits=bits, group_size=3, threads=2)
+
+
+# ----------------------------------------------------------------------------- MatMul
+
+
+@pytest.mark.parametrize(
+    "a_shape", [(37,), (1, 37), (5, 37), (3, 4, 37), (2, 3, 10, 37), (200, 37), (2, 1, 37)]
+)
+@pytest.mark.parametrize("bits", [2, 4, 7])
+def test_matmul(a_shape, bits):
+    rng = np.random.default_rng(len(a_shape) * 10 + bits)
+    K, N = 37, 45
+    group_size = int(rng.choice([1, 4, N]))
+    codebook, indices, weight = random_weight(rng, [K, N], 1, bits, group_size)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    fused = helper.make_node(schema.CODEBOOK_MATMUL, ["a", "w.indices", "w.codebook"], ["y"],
+                             domain=schema.DOMAIN, **fused_attrs(bits, [K, N], group_size))
+    plain = helper.make_node("MatMul", ["a", "W"], ["y"])
+    compare([fused], [plain], {"a": a}, codebook_inits(codebook, indices, bits),
+            [numpy_helper.from_array(weight, "W")], threads=2)
+
+
+# ----------------------------------------------------------------------------- bad models
+
+
+def bad_gemm(indices_bytes=None, codebook=None, bits=4, k=5, shape=(6, 7), index_value=None,
+             constant=True):
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, k, size=shape).astype(np.uint8)
+    if index_value is not None:
+        indices.flat[17] = index_value
+    packed = pack_bits(indices, bits if 1 <= bits <= 8 else 4) if indices_bytes is None else indices_bytes
+    if codebook is None:
+        codebook = rng.standard_normal((shape[1], k)).astype(np.float32)
+    node = helper.make_node(schema.CODEBOOK_GEMM, ["a", "w.indices", "w.codebook"], ["y"], domain=schema.DOMAIN,
+                            **fused_attrs(bits, shape, 1))
+    inits = [numpy_helper.from_array(codebook, "w.codebook")]
+    inputs = [tensor_info("a", (2, shape[0]))]
+    if constant:
+        inits.append(numpy_helper.from_array(packed, "w.indices"))
+    else:
+        inputs.append(helper.make_tensor_value_info("w.indices", TensorProto.UINT8, [packed.size]))
+    model = make_model([node], inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+                       fused=True)
+    feeds = {"a": np.ones((2, shape[0]), np.float32)}
+    if not constant:
+        feeds["w.indices"] = packed
+    return model, feeds
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"index_value": 5}, "out of range"),
+        ({"index_value": 15}, "out of range"),
+        ({"indices_bytes": np.zeros(20, np.uint8)}, "bytes"),
+        ({"indices_bytes": np.zeros(22, np.uint8)}, "bytes"),
+        ({"codebook": np.zeros((6, 5), np.float32)}, "codebook"),
+        ({"codebook": np.zeros((7, 17), np.float32)}, "codebook"),
+        ({"codebook": np.zeros((7,), np.float32)}, "codebook"),
+        ({"bits": 0}, "bits"),
+        ({"bits": 9}, "bits"),
+        ({"constant": False}, "constant"),
+    ],
+)
+def test_bad_model_fails_cleanly(kwargs, message):
+    model, feeds = bad_gemm(**kwargs)
+    with pytest.raises(Exception, match=f"{schema.CODEBOOK_GEMM}.*{message}"):
+        run(model, feeds)
+
+
+@pytest.mark.parametrize("weight_shape", [[2**31, 2**31, 2**31], [6, -7], [6, 7, 1]])
+def test_bad_weight_shape_fails_cleanly(weight_shape):
+    model, feeds = bad_gemm()
+    attr = next(a for a in model.graph.node[0].attribute if a.name == "weight_shape")
+    attr.ints[:] = weight_shape
+    with pytest.raises(Exception, match=schema.CODEBOOK_GEMM):
+        run(model, feeds)
+
+
+def test_bad_conv_input_channels():
+    rng = np.random.default_rng(1)
+    codebook, indices, _ = random_weight(rng, [4, 3, 3, 3], 0, 4, 1)
+    node = helper.make_node(schema.CODEBOOK_CONV, ["x", "w.indices", "w.codebook"], ["y"], domain=schema.DOMAIN,
+                            **fused_attrs(4, [4, 3, 3, 3], 1))
+    model = make_model([node], [tensor_info("x", (1, 5, 8, 8))],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       codebook_inits(codebook, indices, 4), fused=True)
+    with pytest.raises(Exception, match=f"{schema.CODEBOOK_CONV}.*channels"):
+        run(model, {"x": np.ones((1, 5, 8, 8), np.float32)})
+
+
+def test_session_helper_registers_library():
+    rng = np.random.default_rng(3)
+    codebook, indices, weight = random_weight(rng, [8, 4], 1, 3, 1)
+    node = helper.make_node(schema.CODEBOOK_MATMUL, ["a", "w.indices", "w.codebook"], ["y"], domain=schema.DOMAIN,
+                            **fused_attrs(3, [8, 4], 1))
+    model = make_model([node], [tensor_info("a", (2, 8))], [tensor_info("y", (2, 4))],
+                       codebook_inits(codebook, indices, 3), fused=True)
+    onnx.checker.check_model(model)
+    a = rng.standard_normal((2, 8)).astype(np.float32)
+    got = ops.session(model, threads=1).run(None, {"a": a})[0]
+    np.testing.assert_allclose(got, a @ weight, rtol=RTOL, atol=RTOL)
+
+
+def test_portable_kernels_in_subprocess():
+    """The non-AVX2 fallback (forced with ONNX_CODEBOOK_PORTABLE=1) gives the same results."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.util, numpy as np, sys\n"
+        f"spec = importlib.util.spec_from_file_location('t', {str(__file__)!r})\n"
+        "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
+        "for seed in range(6):\n"
+        "    t.conv_case(np.random.default_rng(seed))\n"
+        "    t.conv_case(np.random.default_rng(seed), cin=4, cout=4, group=4, kernel=[3, 3])\n"
+        "    t.gemm_case(np.random.default_rng(seed), M=1 + seed * 3, K=77, N=33, trans_a=bool(seed % 2),\n"
+        "                trans_b=bool(seed % 3), alpha=0.5, beta=1.0, c_shape=(33,), bits=1 + seed, group_size=2)\n"
+    )
+    env = dict(os.environ, ONNX_CODEBOOK_PORTABLE="1", ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
