@@ -328,8 +328,9 @@ def run_search(
     config: CompressConfig | None = None,
     bias_correction: bool = False,
     activation_aware: bool = False,
-    profile_samples: int = 128,
-    max_evaluations: int = 60,
+    profile_samples: int = 64,
+    max_evaluations: int = 40,
+    min_gain: float = 0.005,
     full_profile_limit: int = 240,
     seed: int = 0,
     progress: Callable[[str, float], None] | None = None,
@@ -654,7 +655,8 @@ def run_search(
             for li, st in enumerate(states):
                 cur = st.options[best[li]]
                 for oi, o in enumerate(st.options):
-                    if o.bytes < cur.bytes and (li, oi) not in failed:
+                    # Moves that save less than min_gain of the total are not worth an evaluation.
+                    if cur.bytes - o.bytes >= min_gain * alloc_bytes(best) and (li, oi) not in failed:
                         dn = max(o.noise - cur.noise, 1e-30)
                         moves.append(((cur.bytes - o.bytes) / dn, li, oi))
             if not moves:

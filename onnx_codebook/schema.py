@@ -46,6 +46,14 @@ Common attributes: ``bits`` (int, 1..8), ``weight_shape`` (ints), ``group_size``
 * ``CodebookMatMul(A, indices, codebook) -> Y``: ONNX ``MatMul`` with a constant
   2-D right-hand side ``B`` of shape ``weight_shape = [K, N]``; channel axis 1; A
   may have any rank >= 2 (batched), or rank 1.
+
+Fused epilogue (optional, all three ops): ``activation`` (string, default "")
+is "", "Relu" or "Clip"; with "Clip", ``activation_min`` / ``activation_max``
+(floats) are the bounds.  ``CodebookConv`` also takes an optional 5th input
+``Z`` of the output's shape (a residual), so that
+``Y = activation(Conv(X, W) + B + Z)``.  The rewrite folds a following
+``Add`` (residual) and ``Relu`` / ``Clip`` into the op when nothing else reads
+the intermediate tensors.
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 GRANULARITIES = ("tensor", "channel", "group")
 MIN_BITS, MAX_BITS = 1, 8
+
+ACTIVATIONS = ("", "Relu", "Clip")
 
 # Metadata key under which compress records per-layer settings (JSON).
 METADATA_KEY = "onnx_codebook.layers"
