@@ -381,7 +381,7 @@ def run_search(
     proto.CopyFrom(model)
     constants_to_initializers(proto, config.ops)
     graph = gs.import_onnx(proto)
-    layers, skipped = select_layers(graph, config.ops, config.min_elements)
+    layers, skipped = select_layers(graph, config.ops, config.min_elements, {i.name for i in proto.graph.input})
     layers = [l for l in layers if l.graph is graph and l.weight not in config.exclude]
     if not layers:
         raise ConfigError("no eligible layer to search over; try a lower --min-elements")

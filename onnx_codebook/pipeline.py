@@ -204,7 +204,7 @@ def compress_model(
     proto.CopyFrom(model)
     constants_to_initializers(proto, config.ops)
     graph = gs.import_onnx(proto)
-    layers, skipped = select_layers(graph, config.ops, config.min_elements)
+    layers, skipped = select_layers(graph, config.ops, config.min_elements, _input_names(proto))
     if not layers:
         why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
         raise NoEligibleLayerError(
@@ -224,7 +224,7 @@ def compress_model(
         if converted is not proto:
             proto = converted
             graph = gs.import_onnx(proto)
-            layers, skipped = select_layers(graph, config.ops, config.min_elements)
+            layers, skipped = select_layers(graph, config.ops, config.min_elements, _input_names(proto))
     else:
         available = 8
 
@@ -289,11 +289,24 @@ def compress_model(
     return CompressResult(out, results, skipped, notes)
 
 
+def _input_names(proto: onnx.ModelProto) -> set[str]:
+    return {i.name for i in proto.graph.input}
+
+
 def _export(graph: gs.Graph, proto: onnx.ModelProto, *, uses_domain: bool, metadata: dict) -> onnx.ModelProto:
     exported = gs.export_onnx(graph, do_type_check=False)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     out.graph.CopyFrom(exported.graph)
+    # graphsurgeon drops graph inputs that have an initializer (overridable weights): put them back.
+    have = {i.name for i in out.graph.input}
+    inits = {t.name for t in out.graph.initializer}
+    missing = [i for i in proto.graph.input if i.name not in have and i.name in inits]
+    if missing:
+        order = {i.name: n for n, i in enumerate(proto.graph.input)}
+        merged = sorted([*out.graph.input, *missing], key=lambda i: order.get(i.name, len(order)))
+        del out.graph.input[:]
+        out.graph.input.extend(merged)
     opsets = {op.domain: op.version for op in proto.opset_import}
     if uses_domain:
         opsets[DOMAIN] = DOMAIN_VERSION

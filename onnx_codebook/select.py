@@ -93,11 +93,16 @@ def _weight_constant(tensor: gs.Tensor) -> gs.Constant | None:
 
 
 def select_layers(
-    graph: gs.Graph, ops: tuple[str, ...], min_elements: int
+    graph: gs.Graph, ops: tuple[str, ...], min_elements: int, graph_inputs=()
 ) -> tuple[list[Layer], list[Skipped]]:
-    """Eligible weights of ``graph`` and its subgraphs, and the reasons others were skipped."""
+    """Eligible weights of ``graph`` and its subgraphs, and the reasons others were skipped.
+
+    ``graph_inputs`` names the model's graph inputs as the protobuf lists them:
+    onnx-graphsurgeon drops inputs that also have an initializer, and such a
+    weight can be overridden at run time, so it is left alone.
+    """
     graphs = [graph, *graph.subgraphs(recursive=True)]
-    graph_inputs = {t.name for t in graph.inputs}
+    graph_inputs = {t.name for t in graph.inputs} | set(graph_inputs)
     found: dict[int, Layer] = {}
     order: list[int] = []
     skipped: list[Skipped] = []

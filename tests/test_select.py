@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 import onnx_graphsurgeon as gs
+import pytest
 from onnx import TensorProto, helper
 
+from onnx_codebook.config import CompressConfig
+from onnx_codebook.pipeline import compress_model
 from onnx_codebook.select import constants_to_initializers, select_layers
 
 from conftest import constant_node_model, conv_transpose_model, gemm_model, init, make_model, randn, small_cnn
@@ -19,7 +21,7 @@ def select(model, min_elements=0, ops=OPS):
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     constants_to_initializers(proto, ops)
-    return select_layers(gs.import_onnx(proto), ops, min_elements)
+    return select_layers(gs.import_onnx(proto), ops, min_elements, {i.name for i in proto.graph.input})
 
 
 def test_layers_and_channel_axes(rng):
@@ -77,14 +79,17 @@ def test_skip_reasons(rng):
     assert "left-hand side" in reasons["const_lhs"]
 
 
-@pytest.mark.xfail(strict=True, reason="onnx-graphsurgeon drops graph inputs that have an initializer, so "
-                   "select_layers cannot see them (and compress removes the input from the model's interface)")
-def test_weight_that_is_also_a_graph_input_is_skipped(rng):
-    nodes = [helper.make_node("MatMul", ["A", "G"], ["Y"], name="mm")]
+def test_weight_that_is_also_a_graph_input_is_skipped_and_kept_in_the_interface(rng):
+    nodes = [helper.make_node("MatMul", ["A", "G"], ["Y"], name="mm"),
+             helper.make_node("MatMul", ["Y", "W"], ["Z"], name="mm2")]
     g_in = helper.make_tensor_value_info("G", TensorProto.FLOAT, [16, 16])
-    model = make_model(nodes, [("A", [2, 16]), g_in], [("Y", [2, 16])], [init("G", randn(rng, 16, 16))])
+    model = make_model(nodes, [("A", [2, 16]), g_in], [("Z", [2, 16])],
+                       [init("G", randn(rng, 16, 16)), init("W", randn(rng, 16, 16))])
     layers, skipped = select(model)
-    assert layers == [] and "graph input" in skipped[0].reason
+    assert [l.weight for l in layers] == ["W"] and skipped[0].name == "G" and "graph input" in skipped[0].reason
+    out = compress_model(model, CompressConfig(min_elements=0))
+    assert [i.name for i in out.model.graph.input] == ["A", "G"]
+    onnx.checker.check_model(out.model, full_check=True)
 
 
 def test_non_float_weight_is_skipped(rng):
