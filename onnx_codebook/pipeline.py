@@ -21,7 +21,8 @@ from .encode import CODEBOOK_ITEMSIZE, cluster_layer, effective_group_size, foot
 from .errors import CodebookError, CodebookWarning, NoEligibleLayerError
 from .io import tensor_bytes
 from .pack import container_bits
-from .rewrite import NameScope, add_standard_decode, fusible, replace_with_fused
+from .rewrite import NameScope, add_standard_decode, fold_epilogue, fusible, replace_with_fused
+from .rewrite import fused as fused_rewrite
 from .rewrite.common import model_names
 from .schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY
 from .select import Layer, Skipped, constants_to_initializers, select_layers
@@ -203,6 +204,13 @@ def compress_model(
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     constants_to_initializers(proto, config.ops)
+    known_value_info = {v.name for v in proto.graph.value_info}
+    if config.format == "fused" and fused_rewrite.FOLD_EPILOGUE and tensor_bytes(proto) < 1_800_000_000:
+        # Shapes tell the epilogue folding which residual Adds are safe to fuse.
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto)
+        except Exception:  # shape inference is an optimisation aid only
+            pass
     graph = gs.import_onnx(proto)
     layers, skipped = select_layers(graph, config.ops, config.min_elements, _input_names(proto))
     if not layers:
@@ -254,7 +262,9 @@ def compress_model(
         stored = 0
         if fuse_nodes:
             for node in fuse_nodes:
-                replace_with_fused(layer.graph, node, layer.constant, clustering, settings.bits, names, shared)
+                fused = replace_with_fused(layer.graph, node, layer.constant, clustering, settings.bits, names, shared)
+                if fused_rewrite.FOLD_EPILOGUE:
+                    fold_epilogue(layer.graph, fused)
             fp = footprint(layer.size, channels, settings.bits, group_size, clustering.k, fmt="fused")
             stored += fp.total
         if not all_fused:
@@ -282,6 +292,10 @@ def compress_model(
                                    "(fewer --bits) or a coarser --granularity")
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = _export(graph, proto, uses_domain=bool(shared), metadata=metadata)
+    if len(out.graph.value_info) > len(known_value_info):
+        kept = [v for v in out.graph.value_info if v.name in known_value_info]
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(kept)
     if validate:
         validate_model(out, needs_ops=bool(shared), notes=notes)
     for n in notes:

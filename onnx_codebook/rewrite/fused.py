@@ -11,6 +11,8 @@ from .common import NameScope, array_constant, lazy_constant
 
 # Spatial ranks of Conv the kernels implement (weight rank - 2).
 FUSED_CONV_SPATIAL = (1, 2)
+# Fold a following residual Add and Relu / Clip into the fused ops (schema: fused epilogue).
+FOLD_EPILOGUE = False
 
 
 def fusible(node: gs.Node, weight: gs.Constant) -> bool:
@@ -57,3 +59,71 @@ def replace_with_fused(
     node.outputs.clear()
     graph.nodes.append(fused)
     return fused
+
+
+def _single_consumer(t: gs.Tensor, graph_outputs: set) -> gs.Node | None:
+    if t.name in graph_outputs or len(t.outputs) != 1:
+        return None
+    return t.outputs[0]
+
+
+def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
+    """(min, max) of a Clip whose bounds are constants (attributes before opset 11)."""
+    lo, hi = float("-inf"), float("inf")
+    if "min" in node.attrs or "max" in node.attrs:
+        lo, hi = float(node.attrs.get("min", lo)), float(node.attrs.get("max", hi))
+    for i, default in ((1, lo), (2, hi)):
+        if len(node.inputs) > i and node.inputs[i].name:
+            t = node.inputs[i]
+            if not isinstance(t, gs.Constant) or t.values.size != 1:
+                return None
+            if i == 1:
+                lo = float(t.values.reshape(-1)[0])
+            else:
+                hi = float(t.values.reshape(-1)[0])
+    return lo, hi
+
+
+def _same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
+    sa, sb = getattr(a, "shape", None), getattr(b, "shape", None)
+    if not sa or not sb or len(sa) != len(sb):
+        return False
+    return all(x == y and (isinstance(x, int) or (isinstance(x, str) and x)) for x, y in zip(sa, sb))
+
+
+def fold_epilogue(graph: gs.Graph, fused: gs.Node) -> list[str]:
+    """Fold a following residual ``Add`` (CodebookConv only) and ``Relu`` / ``Clip`` into ``fused``.
+
+    Only when nothing else reads the intermediate tensors and, for the residual,
+    both addends are known to have the same shape.  Returns what was folded.
+    """
+    outputs = {t.name for t in graph.outputs}
+    folded = []
+    y = fused.outputs[0]
+    nxt = _single_consumer(y, outputs)
+    if fused.op == "CodebookConv" and nxt is not None and nxt.op == "Add" and len(nxt.inputs) == 2:
+        other = nxt.inputs[1] if nxt.inputs[0] is y else nxt.inputs[0]
+        if other is not y and not isinstance(other, gs.Constant) and _same_shape(other, y) \
+                and _same_shape(nxt.outputs[0], y):
+            while len(fused.inputs) < 4:
+                fused.inputs.append(gs.Variable.empty())
+            fused.inputs.append(other)
+            fused.outputs[0] = nxt.outputs[0]
+            nxt.inputs.clear()
+            nxt.outputs.clear()
+            folded.append("Add")
+            y = fused.outputs[0]
+            nxt = _single_consumer(y, outputs)
+    if nxt is not None and nxt.op in ("Relu", "Clip") and nxt.inputs and nxt.inputs[0] is y:
+        if nxt.op == "Relu":
+            fused.attrs["activation"] = "Relu"
+        else:
+            bounds = _clip_bounds(nxt)
+            if bounds is None:
+                return folded
+            fused.attrs.update(activation="Clip", activation_min=bounds[0], activation_max=bounds[1])
+        fused.outputs[0] = nxt.outputs[0]
+        nxt.inputs.clear()
+        nxt.outputs.clear()
+        folded.append(nxt.op)
+    return folded
