@@ -158,7 +158,8 @@ def plan_layer(layer: Layer, config: CompressConfig, available: int = 2,
         settings = LayerSettings(settings.bits, "tensor", settings.group_size, settings.method, settings.init)
     container = max(container_bits(settings.bits), available)
     itemsize = CODEBOOK_ITEMSIZE[config.codebook_dtype]
-    group_size, note = effective_group_size(layer.size, channels, settings, fmt=fmt, codebook_itemsize=itemsize)
+    # Granularity is decided on exact-bit sizes, so both formats cluster a layer the same way.
+    group_size, note = effective_group_size(layer.size, channels, settings, fmt="fused", codebook_itemsize=itemsize)
     if fmt == "standard" and group_size:
         # Containers wider than the bits change the sums: check again with them.
         fp = footprint(layer.size, channels, settings.bits, group_size, 1 << settings.bits,

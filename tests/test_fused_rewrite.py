@@ -1,0 +1,119 @@
+"""compress --format fused: the rewrite emits the custom ops, which agree with the standard format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+import onnx_codebook as oc
+from onnx_codebook import ops
+from onnx_codebook.cli import app
+from onnx_codebook.schema import DOMAIN
+
+from conftest import (conv_model, conv_transpose_model, feeds_for, gemm_model, matmul_model, shared_weight_model,
+                      small_cnn)
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library():
+    ok, message = ops.library_status()
+    if not ok:
+        if os.environ.get("ONNX_CODEBOOK_REQUIRE_OPS") == "1":
+            pytest.fail(f"ONNX_CODEBOOK_REQUIRE_OPS=1 but {message}")
+        pytest.skip(message)
+
+
+def _run(model, feeds):
+    return oc.session(model).run(None, feeds)[0]
+
+
+def _close(reference, got):
+    np.testing.assert_allclose(got, reference, rtol=RTOL, atol=RTOL * float(np.abs(reference).max()))
+
+
+def _fused_ops(model):
+    return sorted(n.op_type for n in model.graph.node if n.domain == DOMAIN)
+
+
+CASES = {
+    "conv": (lambda r: conv_model(r), ["CodebookConv"]),
+    "depthwise": (lambda r: conv_model(r, cout=16, cin=16, group=16), ["CodebookConv"]),
+    "grouped": (lambda r: conv_model(r, cout=16, cin=16, group=4), ["CodebookConv"]),
+    "gemm-transB": (lambda r: gemm_model(r, trans_b=1), ["CodebookGemm"]),
+    "gemm": (lambda r: gemm_model(r, trans_b=0), ["CodebookGemm"]),
+    "matmul-batched": (lambda r: matmul_model(r, batch_shape=(2, 3)), ["CodebookMatMul"]),
+    "shared": (lambda r: shared_weight_model(r), ["CodebookMatMul", "CodebookMatMul"]),
+    "cnn": (lambda r: small_cnn(r), ["CodebookConv", "CodebookConv", "CodebookGemm"]),
+}
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_matches_standard(case, granularity, bits):
+    rng = np.random.default_rng(bits)
+    make, expected_ops = CASES[case]
+    model = make(rng)
+    opts = dict(bits=bits, granularity=granularity, group_size=3, min_elements=0)
+    try:
+        standard = oc.compress_with_report(model, **opts)
+    except oc.NoEligibleLayerError:
+        standard = None  # 8-bit containers + codebook would not make a tiny layer smaller
+    try:
+        result = oc.compress_with_report(model, format="fused", **opts)
+    except oc.NoEligibleLayerError:
+        assert standard is None
+        pytest.skip("a 256-entry codebook does not pay for itself on this tiny layer, in either format")
+    fused = result.model
+    # Layers whose codebook would cost more than it saves stay float (small layers at 8 bits).
+    kept_float = {s.name for s in result.skipped}
+    assert _fused_ops(fused) == expected_ops if not kept_float else set(_fused_ops(fused)) <= set(expected_ops)
+    assert all(r.format == "fused" for r in result.layers)
+    onnx.checker.check_model(fused, full_check=True)
+    feeds = feeds_for(model, rng)
+    if standard is not None and [l.name for l in standard.layers] == [l.name for l in result.layers]:
+        # Same layers compressed: both formats hold the same clustering.
+        assert [l.group_size for l in standard.layers] == [l.group_size for l in result.layers]
+        _close(_run(standard.model, feeds), _run(fused, feeds))
+    # decompress turns the fused ops back into plain ones with the same weights.
+    plain = oc.decompress(fused)
+    assert _fused_ops(plain) == [] and all(o.domain != DOMAIN for o in plain.opset_import)
+    onnx.checker.check_model(plain, full_check=True)
+    _close(_run(fused, feeds), _run(plain, feeds))
+
+
+def test_shared_fused_weight_is_stored_once():
+    model = shared_weight_model(np.random.default_rng(0))
+    fused = oc.compress(model, format="fused", min_elements=0)
+    nodes = [n for n in fused.graph.node if n.domain == DOMAIN]
+    assert len(nodes) == 2 and nodes[0].input[1:3] == nodes[1].input[1:3]
+    assert sum(t.name.endswith(".indices") for t in fused.graph.initializer) == 1
+
+
+def test_conv_transpose_keeps_the_standard_decode():
+    model = conv_transpose_model(np.random.default_rng(0))
+    fused = oc.compress(model, format="fused", min_elements=0)
+    assert _fused_ops(fused) == [] and any(n.op_type == "Gather" for n in fused.graph.node)
+
+
+def test_bundled_model_fused_accuracy_equals_standard(tmp_path):
+    runner = CliRunner()
+    for fmt in ("standard", "fused"):
+        result = runner.invoke(app, ["compress", str(DIGITS), "-o", str(tmp_path / f"{fmt}.onnx"), "--bits", "4",
+                                     "--granularity", "channel", "--format", fmt])
+        assert result.exit_code == 0, result.output
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    assert _fused_ops(fused)
+    acc = {fmt: oc.evaluate(tmp_path / f"{fmt}.onnx", "sklearn:digits") for fmt in ("standard", "fused")}
+    assert acc["fused"]["top1"] == acc["standard"]["top1"]
+    info = oc.inspect(fused)
+    assert {l["format"] for l in info["layers"] if l["format"] != "float"} == {"fused"}
+    assert info["compression_ratio"] > 6
