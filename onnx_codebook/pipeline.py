@@ -161,11 +161,18 @@ def plan_layer(layer: Layer, config: CompressConfig, available: int = 2,
     # Granularity is decided on exact-bit sizes, so both formats cluster a layer the same way.
     group_size, note = effective_group_size(layer.size, channels, settings, fmt="fused", codebook_itemsize=itemsize)
     if fmt == "standard" and group_size:
-        # Containers wider than the bits change the sums: check again with them.
-        fp = footprint(layer.size, channels, settings.bits, group_size, 1 << settings.bits,
-                       codebook_itemsize=itemsize, container=container)
-        if fp.total >= layer.size * 4:
+        # Containers wider than the bits and channel offsets change the sums: coarsen further if needed.
+        def total(gsz):
+            return footprint(layer.size, channels, settings.bits, gsz, 1 << settings.bits,
+                             codebook_itemsize=itemsize, container=container).total
+        coarsened = group_size
+        while total(coarsened) >= layer.size * 4 and coarsened < channels:
+            coarsened = min(coarsened * 2, channels)
+        if total(coarsened) >= layer.size * 4:
             group_size, note = 0, f"{settings.bits}-bit indices in {container}-bit containers would not make it smaller"
+        elif coarsened != group_size:
+            group_size = coarsened
+            note = f"groups of {coarsened} channels (a finer codebook would cost more than it saves)"
     return LayerPlan(settings, fmt, axis, channels, container, group_size, note, fuse_nodes)
 
 

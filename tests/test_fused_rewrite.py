@@ -79,9 +79,10 @@ def test_fused_matches_standard(case, granularity, bits):
     assert all(r.format == "fused" for r in result.layers)
     onnx.checker.check_model(fused, full_check=True)
     feeds = feeds_for(model, rng)
-    if standard is not None and [l.name for l in standard.layers] == [l.name for l in result.layers]:
-        # Same layers compressed: both formats hold the same clustering.
-        assert [l.group_size for l in standard.layers] == [l.group_size for l in result.layers]
+    plan = lambda r: [(l.name, l.group_size) for l in r.layers]
+    if standard is not None and plan(standard) == plan(result):
+        # Same layers at the same granularity (the standard format's wider containers
+        # and offsets can coarsen a tiny layer further): both hold the same clustering.
         _close(_run(standard.model, feeds), _run(fused, feeds))
     # decompress turns the fused ops back into plain ones with the same weights.
     plain = oc.decompress(fused)

@@ -158,3 +158,12 @@ def test_bad_data_is_one_line_exit_2(tmp_path, make, message):
     assert len(lines) == 1 and "Traceback" not in result.output
     assert message in lines[0]
     assert not out.exists()
+
+
+def test_process_pool_gives_the_same_result_as_in_process():
+    opts = dict(max_drop=1.0, bits=(2, 4, 8), granularity="tensor", min_elements=0)
+    one = oc.search(DIGITS, "sklearn:digits", workers=1, **opts).report
+    two = oc.search(DIGITS, "sklearn:digits", workers=2, **opts).report
+    assert [l["bits"] for l in one["layers"]] == [l["bits"] for l in two["layers"]]
+    assert one["weight_bytes_after"] == two["weight_bytes_after"]
+    assert one["search"] == two["search"]
