@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Protocol, Sequence
 
 import multiprocessing
@@ -680,18 +680,8 @@ def run_search(
         executor.close()
 
     # ---- final model
-    overrides = {}
-    exclude = set(config.exclude)
-    for st, i in zip(states, best):
-        opt = st.options[i]
-        if opt.choice is None:
-            exclude.add(st.layer.weight)
-        else:
-            overrides[st.layer.weight] = opt.choice.settings()
-    final_cfg = CompressConfig(default=config.default, ops=config.ops, min_elements=config.min_elements,
-                               format=config.format, codebook_dtype=config.codebook_dtype,
-                               overrides=overrides, seed=seed, exclude=frozenset(exclude))
-    result = compress_model(model, final_cfg, cache=cache, importance=importance or None)
+    result = compress_model(model, _config_for(config, states, best, seed), cache=cache,
+                            importance=importance or None)
     final = result.model
     bias_updates = {}
     for st, i in zip(states, best):
@@ -765,8 +755,8 @@ def _session_for(model: onnx.ModelProto, threads: int | None = None):
     return ops.session(model, threads=threads)
 
 
-def _user_score(evaluator, model, config, states, alloc, cache, importance, seed) -> float:
-    """Score an allocation with a user evaluator: build the real model, open a session."""
+def _config_for(config: CompressConfig, states: list[LayerState], alloc: Sequence[int], seed: int) -> CompressConfig:
+    """The compress configuration of an allocation: per-weight overrides, float layers excluded."""
     overrides, exclude = {}, set(config.exclude)
     for st, i in zip(states, alloc):
         opt = st.options[i]
@@ -774,9 +764,12 @@ def _user_score(evaluator, model, config, states, alloc, cache, importance, seed
             exclude.add(st.layer.weight)
         else:
             overrides[st.layer.weight] = opt.choice.settings()
-    cfg = CompressConfig(default=config.default, ops=config.ops, min_elements=config.min_elements,
-                         format=config.format, codebook_dtype=config.codebook_dtype, overrides=overrides,
-                         seed=seed, exclude=frozenset(exclude))
+    return replace(config, overrides=overrides, seed=seed, exclude=frozenset(exclude))
+
+
+def _user_score(evaluator, model, config, states, alloc, cache, importance, seed) -> float:
+    """Score an allocation with a user evaluator: build the real model, open a session."""
+    cfg = _config_for(config, states, alloc, seed)
     m = compress_model(model, cfg, cache=cache, importance=importance or None, validate=False).model
     return float(evaluator(_session_for(m)))
 

@@ -194,3 +194,17 @@ def cnn_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "small_cnn.onnx"
     onnx.save(small_cnn(np.random.default_rng(7)), str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def require_ops():
+    """Skip when the custom-op library is missing, except in CI (ONNX_CODEBOOK_REQUIRE_OPS=1), where it fails."""
+    import os
+
+    from onnx_codebook import ops
+
+    ok, message = ops.library_status()
+    if not ok:
+        if os.environ.get("ONNX_CODEBOOK_REQUIRE_OPS") == "1":
+            pytest.fail(f"ONNX_CODEBOOK_REQUIRE_OPS=1 but {message}")
+        pytest.skip(message)
