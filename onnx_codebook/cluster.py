@@ -138,6 +138,8 @@ def _fit(pts: np.ndarray, pw: np.ndarray, k: int, init: str, seed: int, max_iter
     if init != "auto":
         return _lloyd(pts, pw, _init_centroids(pts, pw, k, init, np.random.default_rng(seed)), max_iter, tol)
     fits = [_fit(pts, pw, k, name, seed, max_iter, tol) for name in AUTO_INITS]
+    # Extra k-means++ draws: Lloyd's local optimum depends on the seeding, and these are cheap.
+    fits += [_fit(pts, pw, k, "kmeans++", seed + d, max_iter, tol) for d in (1, 2)]
     return min(fits, key=lambda c: _sse(pts, pw, c))
 
 
@@ -181,11 +183,13 @@ def kmeans_1d(
         used = np.flatnonzero(bw > 0)
         if used.size > k:
             pts, pw = bwx[used] / bw[used], bw[used]
+            # Seedings are compared on the histogram; the winner is refined on the exact
+            # sorted values (a uniform histogram is coarse where heavy tails stretch the range).
             c = _fit(pts, pw, k, init, seed, max_iter, tol)
+            order = np.argsort(x, kind="stable")
+            c = _lloyd(x[order], w[order], c, max_iter, tol)
             mids = (c[1:] + c[:-1]) / 2
-            label_of_bin = np.zeros(HISTOGRAM_BINS, dtype=np.intp)
-            label_of_bin[used] = np.searchsorted(mids, pts, side="right")
-            return _finalize(x, w, label_of_bin[bins], c.size)
+            return _finalize(x, w, np.searchsorted(mids, x, side="right"), c.size)
     uniq = np.unique(x)
     if uniq.size <= k:
         return uniq, np.searchsorted(uniq, x)

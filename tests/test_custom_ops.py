@@ -95,11 +95,41 @@ def fused_attrs(bits, shape, group_size):
     return {"bits": bits, "weight_shape": list(shape), "group_size": group_size}
 
 
+def epilogue_attrs(activation, bounds):
+    """Fused epilogue attributes (none for the default, no activation)."""
+    if not activation:
+        return {}
+    attrs = {"activation": activation}
+    if activation == "Clip":
+        attrs["activation_min"], attrs["activation_max"] = bounds
+    return attrs
+
+
+def plain_epilogue(node, activation, bounds, residual):
+    """`node` (writing "y") followed by Add(z) and Relu / Clip(min, max) as plain ops; (nodes, initializers)."""
+    nodes, inits, out = [node], [], "y"
+    if not residual and not activation:
+        return nodes, inits
+    node.output[0] = "y0"
+    cur = "y0"
+    if residual:
+        nodes.append(helper.make_node("Add", [cur, "z"], ["y1" if activation else out]))
+        cur = "y1"
+    if activation == "Relu":
+        nodes.append(helper.make_node("Relu", [cur], [out]))
+    elif activation == "Clip":
+        inits = [numpy_helper.from_array(np.float32(bounds[0]), "clip_lo"),
+                 numpy_helper.from_array(np.float32(bounds[1]), "clip_hi")]
+        nodes.append(helper.make_node("Clip", [cur, "clip_lo", "clip_hi"], [out]))
+    return nodes, inits
+
+
 # ----------------------------------------------------------------------------- Conv
 
 
 def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, kernel=None, stride=None,
-              dilation=None, pads=None, auto_pad=None, bias=None, bits=None, group_size=None, threads=1):
+              dilation=None, pads=None, auto_pad=None, bias=None, bits=None, group_size=None, threads=1,
+              activation="", bounds=(-0.5, 0.75), residual=False):
     batch = batch or int(rng.integers(1, 3))
     group = group or int(rng.choice([1, 1, 2, 3]))
     cin = cin or group * int(rng.integers(1, 5))
@@ -125,19 +155,28 @@ def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, ke
     codebook, indices, weight = random_weight(rng, wshape, 0, bits, group_size)
     x = rng.standard_normal((batch, cin, *size)).astype(np.float32)
     b = rng.standard_normal(cout).astype(np.float32)
-    ins_f = ["x", "w.indices", "w.codebook"] + (["b"] if bias else [])
+    ins_f = ["x", "w.indices", "w.codebook"] + (["b"] if bias else ([""] if residual else [])) + (["z"] if residual else [])
     ins_p = ["x", "W"] + (["b"] if bias else [])
     fused = helper.make_node(
-        schema.CODEBOOK_CONV, ins_f, ["y"], domain=schema.DOMAIN, **attrs, **fused_attrs(bits, wshape, group_size)
+        schema.CODEBOOK_CONV, ins_f, ["y"], domain=schema.DOMAIN, **attrs, **fused_attrs(bits, wshape, group_size),
+        **epilogue_attrs(activation, bounds),
     )
     plain = helper.make_node("Conv", ins_p, ["y"], **attrs)
     extra = [numpy_helper.from_array(b, "b")] if bias else []
+    plain_inits = [numpy_helper.from_array(weight, "W")] + extra
+    feeds = {"x": x}
+    if residual:  # Z has the output's shape: take it from the plain Conv
+        y_shape = run(make_model([plain], [tensor_info("x", x.shape)],
+                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], plain_inits,
+                                 fused=False), feeds).shape
+        feeds["z"] = rng.standard_normal(y_shape).astype(np.float32)
+    plain_nodes, clip_inits = plain_epilogue(plain, activation, bounds, residual)
     compare(
         [fused],
-        [plain],
-        {"x": x},
+        plain_nodes,
+        feeds,
         codebook_inits(codebook, indices, bits) + extra,
-        [numpy_helper.from_array(weight, "W")] + extra,
+        plain_inits + clip_inits,
         threads,
     )
 
@@ -160,6 +199,18 @@ def test_conv_depthwise(seed):
     k = int(rng.choice([3, 5]))
     dilation = [1, 1] if k == 5 else None
     conv_case(rng, cin=c, cout=c * mult, group=c, kernel=[k, k], dilation=dilation, threads=int(rng.integers(1, 3)))
+
+
+@pytest.mark.parametrize("size, stride", [(7, 1), (13, 2), (20, 1)])
+@pytest.mark.parametrize("k", [3, 5])
+def test_conv_depthwise_many_channels(size, stride, k):
+    # 40 channels: blocks of 16 channel planes (small planes) with a partial last block
+    rng = np.random.default_rng(size * k)
+    conv_case(rng, batch=2, cin=40, cout=40, group=40, kernel=[k, k], stride=[stride, stride], dilation=[1, 1],
+              pads=[k // 2] * 4, auto_pad="NOTSET", bits=4, group_size=1, bias=True, activation="Clip",
+              bounds=(-0.5, 0.5), residual=True, threads=2)
+    conv_case(rng, batch=1, cin=40, cout=40, group=40, kernel=[k, k], stride=[stride, stride], dilation=[2, 1],
+              pads=[1, 0, 2, 1], auto_pad="NOTSET", bits=3, group_size=3, bias=False, threads=1)
 
 
 @pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
@@ -189,10 +240,70 @@ def test_conv_every_bits(bits, group_size):
     conv_case(np.random.default_rng(bits * 10 + group_size), bits=bits, group_size=group_size, cout=12, group=1)
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_conv_epilogue_random(seed):
+    """Conv [+ B] [+ Z] -> Relu / Clip against the plain Conv, Add, Relu / Clip graph."""
+    rng = np.random.default_rng(300 + seed)
+    activation = ["", "Relu", "Clip"][seed % 3]
+    residual = seed % 2 == 0 or activation == ""
+    bounds = [(-0.5, 0.75), (0.0, 6.0), (-1e30, 0.1)][seed % 4 % 3]
+    depthwise = seed % 4 == 1
+    c = int(rng.integers(1, 9))
+    kwargs = dict(cin=c, cout=c, group=c) if depthwise else {}
+    conv_case(rng, activation=activation, bounds=bounds, residual=residual, bias=bool(seed % 5 != 0),
+              threads=1 + seed % 2, **kwargs)
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_conv_epilogue_large(activation, kernel):
+    # several 256-deep reduction blocks: the epilogue must act on the last one only
+    conv_case(np.random.default_rng(kernel), batch=2, cin=300, cout=40, group=1, kernel=[kernel, kernel],
+              stride=[1, 1], dilation=[1, 1], pads=[kernel // 2] * 4, auto_pad="NOTSET", bits=4, group_size=1,
+              bias=True, activation=activation, bounds=(-0.25, 0.5), residual=True, threads=2)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_few_columns(group, batch):
+    # batch * out_h * out_w <= 16 takes the row-times-columns path
+    conv_case(np.random.default_rng(group + batch), batch=batch, cin=64 * group, cout=70 * group, group=group,
+              kernel=[3, 3], stride=[2, 2], dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=4,
+              group_size=1, bias=True, activation="Clip", bounds=(-0.5, 0.5), residual=True, threads=2)
+
+
+def fused_conv_model(attrs, x_shape, residual_shape=None):
+    rng = np.random.default_rng(1)
+    codebook, indices, _ = random_weight(rng, [4, 3, 3, 3], 0, 4, 1)
+    ins = ["x", "w.indices", "w.codebook", "", "z"] if residual_shape else ["x", "w.indices", "w.codebook"]
+    node = helper.make_node(schema.CODEBOOK_CONV, ins, ["y"], domain=schema.DOMAIN, **fused_attrs(4, [4, 3, 3, 3], 1),
+                            **attrs)
+    inputs = [tensor_info("x", x_shape)] + ([tensor_info("z", residual_shape)] if residual_shape else [])
+    return make_model([node], inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                      codebook_inits(codebook, indices, 4), fused=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "Sigmoid", "LeakyRelu"])
+def test_unknown_activation_fails_at_session_creation(activation):
+    model = fused_conv_model({"activation": activation}, (1, 3, 8, 8))
+    options = ops.session_options(True, 1)
+    with pytest.raises(Exception, match=f"{schema.CODEBOOK_CONV}.*activation"):
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("z_shape", [(1, 4, 6, 5), (1, 4, 6), (2, 4, 6, 6), (1, 1, 6, 6)])
+def test_residual_shape_must_match_output(z_shape):
+    model = fused_conv_model({}, (1, 3, 8, 8), residual_shape=z_shape)
+    feeds = {"x": np.ones((1, 3, 8, 8), np.float32), "z": np.ones(z_shape, np.float32)}
+    with pytest.raises(Exception, match=f"{schema.CODEBOOK_CONV}.*Z has shape"):
+        run(model, feeds)
+
+
 # ----------------------------------------------------------------------------- Gemm
 
 
-def gemm_case(rng, *, M, K, N, trans_a, trans_b, alpha, beta, c_shape, bits, group_size, threads=1):
+def gemm_case(rng, *, M, K, N, trans_a, trans_b, alpha, beta, c_shape, bits, group_size, threads=1,
+              activation="", bounds=(-0.5, 0.75)):
     wshape = [N, K] if trans_b else [K, N]
     axis = 0 if trans_b else 1
     codebook, indices, weight = random_weight(rng, wshape, axis, bits, group_size)
@@ -204,11 +315,12 @@ def gemm_case(rng, *, M, K, N, trans_a, trans_b, alpha, beta, c_shape, bits, gro
         ins = ["c"]
     fused = helper.make_node(
         schema.CODEBOOK_GEMM, ["a", "w.indices", "w.codebook", *ins], ["y"], domain=schema.DOMAIN,
-        **attrs, **fused_attrs(bits, wshape, group_size),
+        **attrs, **fused_attrs(bits, wshape, group_size), **epilogue_attrs(activation, bounds),
     )
     plain = helper.make_node("Gemm", ["a", "W", *ins], ["y"], **attrs)
-    compare([fused], [plain], {"a": a}, codebook_inits(codebook, indices, bits) + extra,
-            [numpy_helper.from_array(weight, "W")] + extra, threads)
+    plain_nodes, clip_inits = plain_epilogue(plain, activation, bounds, False)
+    compare([fused], plain_nodes, {"a": a}, codebook_inits(codebook, indices, bits) + extra,
+            [numpy_helper.from_array(weight, "W")] + extra + clip_inits, threads)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -238,6 +350,13 @@ def test_gemm_every_bits(bits, M):
               alpha=1.0, beta=1.0, c_shape=(70,), bits=bits, group_size=3, threads=2)
 
 
+@pytest.mark.parametrize("activation, bounds", [("Relu", None), ("Clip", (-0.5, 0.75)), ("Clip", (0.0, 6.0))])
+@pytest.mark.parametrize("M", [1, 5, 40])
+def test_gemm_epilogue(activation, bounds, M):
+    gemm_case(np.random.default_rng(M), M=M, K=600, N=50, trans_a=M == 5, trans_b=M != 40, alpha=0.5, beta=1.0,
+              c_shape=(50,), bits=4, group_size=1, threads=2, activation=activation, bounds=bounds)
+
+
 # ----------------------------------------------------------------------------- MatMul
 
 
@@ -247,15 +366,19 @@ def test_gemm_every_bits(bits, M):
 @pytest.mark.parametrize("bits", [2, 4, 7])
 def test_matmul(a_shape, bits):
     rng = np.random.default_rng(len(a_shape) * 10 + bits)
+    activation = ["", "Relu", "Clip"][(len(a_shape) + bits) % 3]
     K, N = 37, 45
     group_size = int(rng.choice([1, 4, N]))
     codebook, indices, weight = random_weight(rng, [K, N], 1, bits, group_size)
     a = rng.standard_normal(a_shape).astype(np.float32)
+    bounds = (-0.5, 0.75)
     fused = helper.make_node(schema.CODEBOOK_MATMUL, ["a", "w.indices", "w.codebook"], ["y"],
-                             domain=schema.DOMAIN, **fused_attrs(bits, [K, N], group_size))
+                             domain=schema.DOMAIN, **fused_attrs(bits, [K, N], group_size),
+                             **epilogue_attrs(activation, bounds))
     plain = helper.make_node("MatMul", ["a", "W"], ["y"])
-    compare([fused], [plain], {"a": a}, codebook_inits(codebook, indices, bits),
-            [numpy_helper.from_array(weight, "W")], threads=2)
+    plain_nodes, clip_inits = plain_epilogue(plain, activation, bounds, False)
+    compare([fused], plain_nodes, {"a": a}, codebook_inits(codebook, indices, bits),
+            [numpy_helper.from_array(weight, "W")] + clip_inits, threads=2)
 
 
 # ----------------------------------------------------------------------------- bad models
@@ -328,6 +451,22 @@ def test_bad_conv_input_channels():
         run(model, {"x": np.ones((1, 5, 8, 8), np.float32)})
 
 
+@pytest.mark.parametrize("wshape", [[4, 8, 1, 1], [6, 3, 3, 3]])
+def test_bad_conv_index_fails_cleanly(wshape):
+    # [4, 8, 1, 1]: rows of 8 indices, read in place from the initializer; [6, 3, 3, 3]: re-laid out
+    rng = np.random.default_rng(2)
+    codebook, indices, _ = random_weight(rng, wshape, 0, 4, 1, k=5)
+    indices.flat[-1] = 7
+    node = helper.make_node(schema.CODEBOOK_CONV, ["x", "w.indices", "w.codebook"], ["y"], domain=schema.DOMAIN,
+                            **fused_attrs(4, wshape, 1))
+    x_shape = (1, wshape[1], 5, 5)
+    model = make_model([node], [tensor_info("x", x_shape)],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       codebook_inits(codebook, indices, 4), fused=True)
+    with pytest.raises(Exception, match=f"{schema.CODEBOOK_CONV}.*out of range"):
+        run(model, {"x": np.ones(x_shape, np.float32)})
+
+
 def test_session_helper_registers_library():
     rng = np.random.default_rng(3)
     codebook, indices, weight = random_weight(rng, [8, 4], 1, 3, 1)
@@ -341,8 +480,9 @@ def test_session_helper_registers_library():
     np.testing.assert_allclose(got, a @ weight, rtol=RTOL, atol=RTOL)
 
 
-def test_portable_kernels_in_subprocess():
-    """The non-AVX2 fallback (forced with ONNX_CODEBOOK_PORTABLE=1) gives the same results."""
+@pytest.mark.parametrize("kernels", ["ONNX_CODEBOOK_PORTABLE", "ONNX_CODEBOOK_NO_AVX512"])
+def test_fallback_kernels_in_subprocess(kernels):
+    """The portable and the AVX2-only kernels (forced by environment variables) give the same results."""
     import subprocess
     import sys
 
@@ -352,10 +492,17 @@ def test_portable_kernels_in_subprocess():
         "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
         "for seed in range(6):\n"
         "    t.conv_case(np.random.default_rng(seed))\n"
-        "    t.conv_case(np.random.default_rng(seed), cin=4, cout=4, group=4, kernel=[3, 3])\n"
+        "    t.conv_case(np.random.default_rng(seed), cin=4, cout=4, group=4, kernel=[3, 3],\n"
+        "                activation=['Relu', 'Clip'][seed % 2], residual=True)\n"
+        "    t.conv_case(np.random.default_rng(seed), activation='Clip', residual=bool(seed % 2))\n"
         "    t.gemm_case(np.random.default_rng(seed), M=1 + seed * 3, K=77, N=33, trans_a=bool(seed % 2),\n"
-        "                trans_b=bool(seed % 3), alpha=0.5, beta=1.0, c_shape=(33,), bits=1 + seed, group_size=2)\n"
+        "                trans_b=bool(seed % 3), alpha=0.5, beta=1.0, c_shape=(33,), bits=1 + seed, group_size=2,\n"
+        "                activation=['', 'Relu', 'Clip'][seed % 3])\n"
+        "t.conv_case(np.random.default_rng(8), batch=2, cin=40, cout=100, group=1, kernel=[3, 3], stride=[1, 1],\n"
+        "            dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad='NOTSET', bits=4, group_size=1, bias=True,\n"
+        "            activation='Relu', residual=True, threads=2)\n"
     )
-    env = dict(os.environ, ONNX_CODEBOOK_PORTABLE="1", ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()))
+    env = dict(os.environ, ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()))
+    env[kernels] = "1"
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

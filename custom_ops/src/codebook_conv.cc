@@ -3,8 +3,14 @@
 //
 // Grouped and dense convolutions run as a GEMM per group, Y_g[M_g, N*P] =
 // W_g[M_g, K_g] * col_g[K_g, N*P], where the weight panels are decoded on the fly and
-// the im2col panels are gathered straight from X (no im2col buffer).  Convolutions
-// with one input channel per group (depthwise) run directly.
+// the im2col panels are gathered straight from X (no im2col buffer).  Small planes
+// (P < 2 * kNR) run transposed per image, Y_g^T = col_g^T * W_g^T, so that the vector
+// dimension is the output channels; very few columns (N*P <= 16) run as weight rows
+// against im2col columns.  Convolutions with one input channel per group (depthwise)
+// run directly, plane by plane, or 16 channels at a time for small planes.
+//
+// The epilogue (bias, residual Z, Relu / Clip) is applied where each output element
+// is written for the last time.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -45,13 +51,42 @@ void ResolveAxis(const std::string& op, const std::string& auto_pad, int64_t in,
   *lead = pad_begin;
 }
 
+// Output planes up to this size run depthwise 16 channels at a time.
+constexpr int64_t kSmallPlane = 64;
+
 // Depthwise-style convolution: every output channel reads a single input channel.
-void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, float* y,
-                const OrtKernelContext* ctx) {
+// y = act(conv + bias + z); bias and z may be null.
+void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
+                const Epilogue& act, float* y, const OrtKernelContext* ctx) {
   const int64_t planes = g.batch * g.out_channels;
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
   const DepthwisePlan plan = PlanDepthwise(g.height, g.width, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pad_top,
                                            g.pad_left, g.out_h, g.out_w);
+  if (HasDepthwiseChannels() && g.cout_per_group == 1 && out_plane <= kSmallPlane) {
+    // Small planes: 16 channels at a time, vectorised across channels.
+    const int64_t blocks_per_image = (g.out_channels + 15) / 16;
+    const int64_t ntaps = g.kh * g.kw;
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, g.batch * blocks_per_image / 4));
+    const int64_t total = g.batch * blocks_per_image, tasks = (total + chunk - 1) / chunk;
+    ParallelFor(ctx, tasks, [&](int64_t task) {
+      thread_local std::vector<float> rows, taps16;
+      if (rows.size() < static_cast<size_t>(w.cols_padded)) rows.resize(static_cast<size_t>(w.cols_padded));
+      if (taps16.size() < static_cast<size_t>(ntaps * 16)) taps16.resize(static_cast<size_t>(ntaps * 16));
+      for (int64_t b = task * chunk; b < std::min(total, (task + 1) * chunk); ++b) {
+        const int64_t n = b / blocks_per_image, c0 = (b % blocks_per_image) * 16;
+        const int64_t count = std::min<int64_t>(16, g.out_channels - c0);
+        std::fill(taps16.begin(), taps16.end(), 0.f);
+        for (int64_t c = 0; c < count; ++c) {
+          DecodeRow(w, c0 + c, 0, w.cols, rows.data());
+          for (int64_t t = 0; t < ntaps; ++t) taps16[t * 16 + c] = rows[t];
+        }
+        const int64_t out = (n * g.out_channels + c0) * out_plane;
+        DepthwiseChannels(plan, count, x + (n * g.channels + c0) * in_plane, in_plane, taps16.data(),
+                          bias ? bias + c0 : nullptr, z ? z + out : nullptr, act, y + out, out_plane);
+      }
+    });
+    return;
+  }
   // Several planes per task so that small planes do not drown in scheduling.
   const int64_t work = std::max<int64_t>(1, out_plane * g.kh * g.kw);
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(planes / 8 + 1, 32768 / work));
@@ -64,9 +99,61 @@ void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, 
       const int64_t n = t / g.out_channels, co = t % g.out_channels;
       const int64_t ci = co / g.cout_per_group;  // cin_per_group == 1
       DecodeRow(w, co, 0, w.cols, taps);
-      DepthwisePlane(plan, x + (n * g.channels + ci) * in_plane, taps, y + (n * g.out_channels + co) * out_plane);
+      const int64_t out = (n * g.out_channels + co) * out_plane;
+      DepthwisePlane(plan, x + (n * g.channels + ci) * in_plane, taps, bias ? bias[co] : 0.f, z ? z + out : nullptr,
+                     act, y + out);
     }
   });
+}
+
+// Output columns (batch * out_h * out_w) up to which a convolution runs as rows of
+// the weight against blocks of 8 im2col columns (each weight row decoded once per
+// block) instead of as a blocked GEMM.
+constexpr int64_t kFewColumns = 16;
+
+// Few output columns: y[n, r, p] = act(bias + z + sum_k w(r, k) col_n(k, p)), with
+// the im2col columns gathered explicitly (transposed, zero-padded to cols_padded).
+void FewColumnsConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias,
+                    const float* z, const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+  const int64_t P = g.out_h * g.out_w, taps = g.kh * g.kw, K = g.cin_per_group * taps;
+  const int64_t blocks_per_image = (P + 7) / 8;
+  for (int64_t n = 0; n < g.batch; ++n) {
+    for (int64_t c = 0; c < g.out_channels; ++c) {
+      float* yc = y + (n * g.out_channels + c) * P;
+      const float* zc = z ? z + (n * g.out_channels + c) * P : nullptr;
+      for (int64_t p = 0; p < P; ++p) yc[p] = (bias ? bias[c] : 0.f) + (zc ? zc[p] : 0.f);
+    }
+  }
+  for (int64_t grp = 0; grp < g.group; ++grp) {
+    // cols[n][block][m][cols_padded]: column p = block * 8 + m of image n
+    std::vector<float> cols(static_cast<size_t>(g.batch * blocks_per_image * 8 * w.cols_padded), 0.f);
+    for (int64_t n = 0; n < g.batch; ++n) {
+      const float* xg = x + (n * g.channels + grp * g.cin_per_group) * g.height * g.width;
+      for (int64_t p = 0; p < P; ++p) {
+        float* col = cols.data() + (n * blocks_per_image * 8 + p) * w.cols_padded;
+        const int64_t ih0 = (p / g.out_w) * g.sh - g.pad_top, iw0 = (p % g.out_w) * g.sw - g.pad_left;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t c = k / taps, t = k % taps;
+          const int64_t ih = ih0 + (t / g.kw) * g.dh, iw = iw0 + (t % g.kw) * g.dw;
+          if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) col[k] = xg[(c * g.height + ih) * g.width + iw];
+        }
+      }
+    }
+    const int64_t row0 = grp * g.cout_per_group, rows = g.cout_per_group;
+    const int64_t block = std::max<int64_t>(8, std::min<int64_t>(128, (rows + 7) / 8));
+    const int64_t tasks = (rows + block - 1) / block;
+    ParallelFor(ctx, tasks, [&](int64_t t) {
+      const int64_t r0 = row0 + t * block, r1 = std::min(row0 + rows, r0 + block);
+      for (int64_t n = 0; n < g.batch; ++n) {
+        for (int64_t b = 0; b < blocks_per_image; ++b) {
+          const int64_t live = std::min<int64_t>(8, P - b * 8);
+          const float* a = cols.data() + (n * blocks_per_image + b) * 8 * w.cols_padded;
+          // y index of (column m, row r): n * out_channels * P + b * 8 + m + r * P
+          RowsTimesWeight(w, a, w.cols_padded, live, r0, r1, 1.f, y + n * g.out_channels * P + b * 8, 1, P, act);
+        }
+      }
+    });
+  }
 }
 
 // Packs columns [j0, j0 + nj) x rows [k0, k0 + kc) of group `grp`'s implicit
@@ -95,19 +182,24 @@ struct Im2colPacker {
            g.out_h == g.height && g.out_w == g.width;
   }
 
-  void Pack(int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst) const {
+  // Strips of `width` (<= kNR) columns: [kc][width] each.
+  void Pack(int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst, int64_t width = kNR) const {
     const int64_t P = g.out_h * g.out_w;
     const int64_t image = g.channels * g.height * g.width;
     const int64_t group_offset = grp * g.cin_per_group * g.height * g.width;
     const bool pointwise = Pointwise();
-    for (int64_t q = 0; q * kNR < nj; ++q) {
-      float* strip = dst + q * kNR * kc;
-      const int64_t jb = j0 + q * kNR;
-      const int64_t live = std::min(kNR, nj - q * kNR);
+    for (int64_t q = 0; q * width < nj; ++q) {
+      float* strip = dst + q * width * kc;
+      const int64_t jb = j0 + q * width;
+      const int64_t live = std::min(width, nj - q * width);
       const int64_t n0 = jb / P, p0 = jb % P;
-      if (pointwise && live == kNR && p0 + kNR <= P) {
+      if (pointwise && live == width && p0 + width <= P) {
         const float* src = x + n0 * image + group_offset + p0;
-        for (int64_t k = 0; k < kc; ++k) std::memcpy(strip + k * kNR, src + k_offset[k0 + k], kNR * sizeof(float));
+        if (width == kNR) {  // fixed size: inlined
+          for (int64_t k = 0; k < kc; ++k) std::memcpy(strip + k * kNR, src + k_offset[k0 + k], kNR * sizeof(float));
+        } else {
+          for (int64_t k = 0; k < kc; ++k) std::copy_n(src + k_offset[k0 + k], width, strip + k * width);
+        }
         continue;
       }
       // Runs of columns that share an output row: for every reduction index a run
@@ -126,8 +218,8 @@ struct Im2colPacker {
       for (int64_t k = 0; k < kc; ++k) {
         const int64_t kk = k0 + k;
         const int64_t off = k_offset[kk], dh = k_dh[kk], dw = k_dw[kk];
-        float* out = strip + k * kNR;
-        for (int64_t j = live; j < kNR; ++j) out[j] = 0.f;
+        float* out = strip + k * width;
+        for (int64_t j = live; j < width; ++j) out[j] = 0.f;
         for (int r = 0; r < nruns; ++r) {
           const Run& run = runs[r];
           float* o = out + run.j;
@@ -141,7 +233,7 @@ struct Im2colPacker {
           // t is valid when 0 <= iw0 + t * sw < width
           const int64_t lo = std::min(run.len, iw0 >= 0 ? 0 : (-iw0 + g.sw - 1) / g.sw);
           const int64_t hi = std::max(lo, std::min(run.len, g.width - iw0 <= 0 ? 0 : (g.width - iw0 + g.sw - 1) / g.sw));
-          if (g.sw == 1 && lo == 0 && hi == kNR) {
+          if (width == kNR && g.sw == 1 && lo == 0 && hi == kNR) {
             std::memcpy(o, src + iw0, kNR * sizeof(float));  // fixed size: inlined
             continue;
           }
@@ -161,6 +253,7 @@ struct Im2colPacker {
 }  // namespace
 
 ConvKernel::ConvKernel(const OrtKernelInfo* info) {
+  act_ = ReadEpilogue(info, op_);
   weight_ = LoadCodebookWeight(info, op_, ChannelAxis::kFirst, &weight_shape_);
   const size_t rank = weight_shape_.size();
   if (rank != 3 && rank != 4) {
@@ -242,7 +335,6 @@ void ConvKernel::Compute(OrtKernelContext* context) {
   float* y = output.GetTensorMutableData<float>();
   const int64_t P = g.out_h * g.out_w;
 
-  // Initialise Y with the bias (or zero); the kernels accumulate into it.
   const float* bias = nullptr;
   if (ctx.GetInputCount() > 3) {
     auto b = ctx.GetInput(3);
@@ -254,15 +346,62 @@ void ConvKernel::Compute(OrtKernelContext* context) {
       bias = b.GetTensorData<float>();
     }
   }
+  const float* z = nullptr;  // residual added before the activation
+  if (ctx.GetInputCount() > 4) {
+    auto z_input = ctx.GetInput(4);
+    if (z_input != nullptr) {
+      const std::vector<int64_t> z_shape = z_input.GetTensorTypeAndShapeInfo().GetShape();
+      if (z_shape != y_shape) {
+        Fail(op_, "input Z has shape " + ShapeString(z_shape) + ", expected the output shape " + ShapeString(y_shape));
+      }
+      z = z_input.GetTensorData<float>();
+    }
+  }
   if (g.batch == 0 || P == 0) return;
   const float* x = input.GetTensorData<float>();
   if (g.cin_per_group == 1) {
-    for (int64_t n = 0; n < g.batch; ++n)
-      for (int64_t c = 0; c < g.out_channels; ++c) std::fill_n(y + (n * g.out_channels + c) * P, P, bias ? bias[c] : 0.f);
-    DirectConv(weight_, g, x, y, context);
+    DirectConv(weight_, g, x, bias, z, act_, y, context);
     return;
   }
   const int64_t columns = g.batch * P;
+  if (columns <= kFewColumns) {
+    FewColumnsConv(weight_, g, x, bias, z, act_, y, context);
+    return;
+  }
+  if (P < 2 * kNR && columns < 4 * kNR) {
+    // Small planes (7x7, ...): a kNR-wide strip of positions would be mostly padding,
+    // so per image Y_g^T[P, M_g] = col_g^T[P, K_g] * W_g^T, vectorised over channels.
+    for (int64_t n = 0; n < g.batch; ++n) {
+      for (int64_t grp = 0; grp < group_; ++grp) {
+        Im2colPacker packer(g, x, grp);
+        const int64_t row0 = grp * g.cout_per_group;
+        const int64_t out = (n * g.out_channels + row0) * P;
+        const CodebookWeight& w = weight_;
+        GemmSpec spec;
+        spec.M = P;
+        spec.N = g.cout_per_group;
+        spec.K = weight_.cols;
+        spec.block_m = 96;
+        spec.block_n = 256;
+        spec.pack_a = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
+          packer.Pack(n * P + i0, mi, k0, kc, dst, kMR);
+        };
+        spec.pack_b = [&](int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst) {
+          PackWeightPanels(w, row0, j0, nj, k0, kc, kNR, dst);
+        };
+        spec.c = y + out;  // C(p, m) at y[out + m * P + p]
+        spec.row_stride = 1;
+        spec.col_div = 1;
+        spec.col_outer = P;
+        spec.init_c = true;
+        spec.col_bias = bias ? bias + row0 : nullptr;
+        spec.add = z ? z + out : nullptr;
+        spec.act = act_;
+        RunGemm(spec, context);
+      }
+    }
+    return;
+  }
   for (int64_t grp = 0; grp < group_; ++grp) {
     Im2colPacker packer(g, x, grp);
     GemmSpec spec;
@@ -282,6 +421,8 @@ void ConvKernel::Compute(OrtKernelContext* context) {
     spec.c = y + row0 * P;
     spec.init_c = true;  // every element is written by the first reduction block
     spec.row_bias = bias ? bias + row0 : nullptr;
+    spec.add = z ? z + row0 * P : nullptr;
+    spec.act = act_;
     spec.row_stride = P;
     spec.col_div = P;
     spec.col_outer = g.out_channels * P;

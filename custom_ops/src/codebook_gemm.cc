@@ -36,9 +36,9 @@ void PackActivationPanels(const float* a, int64_t M, int64_t K, bool trans, int6
 
 }  // namespace
 
-// y[M, N] += alpha * op(A) * W^T, W the codebook weight with N rows of K entries.
-void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans_a, float alpha, float* y,
-                  const OrtKernelContext* ctx) {
+// y[M, N] = act(y + alpha * op(A) * W^T), W the codebook weight with N rows of K entries.
+void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans_a, float alpha, const Epilogue& act,
+                  float* y, const OrtKernelContext* ctx) {
   const int64_t N = w.rows, K = w.cols;
   if (M <= 0 || N <= 0) return;
   constexpr int64_t kSmallM = 8;
@@ -51,7 +51,7 @@ void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans
     const int64_t tasks = (N + block - 1) / block;
     ParallelFor(ctx, tasks, [&](int64_t t) {
       const int64_t r0 = t * block, r1 = std::min(N, r0 + block);
-      RowsTimesWeight(w, padded.data(), w.cols_padded, M, r0, r1, alpha, y, N);
+      RowsTimesWeight(w, padded.data(), w.cols_padded, M, r0, r1, alpha, y, N, 1, act);
     });
     return;
   }
@@ -71,6 +71,7 @@ void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans
     PackWeightPanels(w, 0, j0, nj, k0, kc, kNR, dst);
   };
   s.c = y;
+  s.act = act;
   s.row_stride = N;
   RunGemm(s, ctx);
 }
@@ -84,6 +85,7 @@ GemmKernel::GemmKernel(const OrtKernelInfo* info, bool matmul) : op_(matmul ? kM
     trans_a_ = AttrInt(info, "transA", 0) != 0;
     trans_b_ = AttrInt(info, "transB", 0) != 0;
   }
+  act_ = ReadEpilogue(info, op_);
   weight_ = LoadCodebookWeight(info, op_, trans_b_ ? ChannelAxis::kFirst : ChannelAxis::kLast, nullptr);
 }
 
@@ -128,7 +130,7 @@ void GemmKernel::ComputeGemm(OrtKernelContext* context) {
         for (int64_t n = 0; n < N; ++n) y[m * N + n] = beta_ * c[(cm == 1 ? 0 : m) * cn + (cn == 1 ? 0 : n)];
     }
   }
-  WeightMatMul(weight_, input.GetTensorData<float>(), M, trans_a_, alpha_, y, context);
+  WeightMatMul(weight_, input.GetTensorData<float>(), M, trans_a_, alpha_, act_, y, context);
 }
 
 void GemmKernel::ComputeMatMul(OrtKernelContext* context) {
@@ -146,7 +148,7 @@ void GemmKernel::ComputeMatMul(OrtKernelContext* context) {
   auto output = ctx.GetOutput(0, y_shape);
   float* y = output.GetTensorMutableData<float>();
   std::fill(y, y + rows * weight_.rows, 0.f);
-  WeightMatMul(weight_, input.GetTensorData<float>(), rows, false, 1.f, y, context);
+  WeightMatMul(weight_, input.GetTensorData<float>(), rows, false, 1.f, act_, y, context);
 }
 
 }  // namespace onnx_codebook

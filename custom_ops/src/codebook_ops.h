@@ -12,9 +12,9 @@ inline constexpr const char* kConvName = "CodebookConv";
 inline constexpr const char* kGemmName = "CodebookGemm";
 inline constexpr const char* kMatMulName = "CodebookMatMul";
 
-// y[M, N] += alpha * op(A) * W^T for the codebook weight W (N rows of K entries).
-void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans_a, float alpha, float* y,
-                  const OrtKernelContext* ctx);
+// y[M, N] = act(y + alpha * op(A) * W^T) for the codebook weight W (N rows of K entries).
+void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans_a, float alpha, const Epilogue& act,
+                  float* y, const OrtKernelContext* ctx);
 
 class GemmKernel {
  public:
@@ -29,6 +29,7 @@ class GemmKernel {
   bool matmul_ = false;
   float alpha_ = 1.f, beta_ = 1.f;
   bool trans_a_ = false, trans_b_ = false;
+  Epilogue act_;
   CodebookWeight weight_;
 };
 
@@ -44,10 +45,11 @@ class ConvKernel {
   std::string auto_pad_;
   std::vector<int64_t> weight_shape_, kernel_, strides_, dilations_, pads_;
   int64_t group_ = 1;
+  Epilogue act_;
   CodebookWeight weight_;
 };
 
-// Op descriptors; inputs: X/A, indices, codebook[, bias/C].
+// Op descriptors; inputs: X/A, indices, codebook[, bias/C][, Z (CodebookConv)].
 template <typename Derived, typename Kernel>
 struct CodebookOpBase : Ort::CustomOpBase<Derived, Kernel, /*WithStatus=*/true> {
   size_t GetInputTypeCount() const { return static_cast<const Derived*>(this)->kInputs; }
@@ -62,7 +64,7 @@ struct CodebookOpBase : Ort::CustomOpBase<Derived, Kernel, /*WithStatus=*/true> 
 };
 
 struct CodebookConvOp : CodebookOpBase<CodebookConvOp, ConvKernel> {
-  static constexpr size_t kInputs = 4;
+  static constexpr size_t kInputs = 5;
   const char* GetName() const { return kConvName; }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
     return GuardStatus(kConvName, [&] { *kernel = new ConvKernel(info); });

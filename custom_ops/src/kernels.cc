@@ -6,6 +6,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #define ONNX_CODEBOOK_X86 1
 #include <immintrin.h>
 #define AVX2_TARGET __attribute__((target("avx2,fma,bmi,bmi2")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx2,fma,bmi,bmi2")))
 #else
 #define ONNX_CODEBOOK_X86 0
 #endif
@@ -23,10 +25,14 @@ namespace onnx_codebook {
 
 namespace {
 
+bool EnvIs(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
 bool DetectAvx2() {
   // ONNX_CODEBOOK_PORTABLE=1 forces the portable kernels (for testing them).
-  const char* portable = std::getenv("ONNX_CODEBOOK_PORTABLE");
-  if (portable != nullptr && portable[0] == '1') return false;
+  if (EnvIs("ONNX_CODEBOOK_PORTABLE", "1")) return false;
 #if ONNX_CODEBOOK_X86
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
@@ -36,6 +42,18 @@ bool DetectAvx2() {
 }
 
 const bool g_avx2 = DetectAvx2();
+
+bool DetectAvx512() {
+  // ONNX_CODEBOOK_NO_AVX512=1 keeps the AVX2 micro-kernel (for testing it).
+  if (!g_avx2 || EnvIs("ONNX_CODEBOOK_NO_AVX512", "1")) return false;
+#if ONNX_CODEBOOK_X86
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+const bool g_avx512 = DetectAvx512();
 
 // Thread-local scratch, grown on demand and reused across calls.
 float* Scratch(std::vector<float>& buf, size_t n) {
@@ -56,7 +74,7 @@ void DecodeRowPortable(const CodebookWeight& w, int64_t r, int64_t k0, int64_t c
 }
 
 void RowsTimesWeightPortable(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0,
-                             int64_t r1, float alpha, float* y, int64_t ldy) {
+                             int64_t r1, float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
   float decoded[256];
   for (int64_t r = r0; r < r1; ++r) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -70,7 +88,7 @@ void RowsTimesWeightPortable(const CodebookWeight& w, const float* a, int64_t ld
         acc[m] += s;
       }
     }
-    for (int64_t m = 0; m < rows_a; ++m) y[m * ldy + r] += alpha * acc[m];
+    for (int64_t m = 0; m < rows_a; ++m) y[m * ldy + r * ldr] = act.Apply(y[m * ldy + r * ldr] + alpha * acc[m]);
   }
 }
 
@@ -141,7 +159,7 @@ AVX2_TARGET inline float HorizontalSum(__m256 v) {
 // One weight row against M activation rows; U independent accumulators per row.
 template <LutKind kind, int M, int U>
 AVX2_TARGET void RowsTimesWeightAvx2(const CodebookWeight& w, const float* a, int64_t lda, int64_t r0, int64_t r1,
-                                     float alpha, float* y, int64_t ldy) {
+                                     float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
   const uint64_t mask = ByteLaneMask(w.bits);
   const int64_t blocks = w.cols_padded / 8;
   for (int64_t r = r0; r < r1; ++r) {
@@ -168,31 +186,50 @@ AVX2_TARGET void RowsTimesWeightAvx2(const CodebookWeight& w, const float* a, in
     for (int m = 0; m < M; ++m) {
       __m256 s = acc[m][0];
       for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[m][u]);
-      y[m * ldy + r] += alpha * HorizontalSum(s);
+      float& out = y[m * ldy + r * ldr];
+      out = act.Apply(out + alpha * HorizontalSum(s));
     }
   }
 }
 
 template <LutKind kind>
 void RowsTimesWeightDispatch(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0,
-                             int64_t r1, float alpha, float* y, int64_t ldy) {
+                             int64_t r1, float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
   switch (rows_a) {
-    case 1: return RowsTimesWeightAvx2<kind, 1, 4>(w, a, lda, r0, r1, alpha, y, ldy);
-    case 2: return RowsTimesWeightAvx2<kind, 2, 2>(w, a, lda, r0, r1, alpha, y, ldy);
-    case 3: return RowsTimesWeightAvx2<kind, 3, 2>(w, a, lda, r0, r1, alpha, y, ldy);
-    case 4: return RowsTimesWeightAvx2<kind, 4, 1>(w, a, lda, r0, r1, alpha, y, ldy);
-    case 5: return RowsTimesWeightAvx2<kind, 5, 1>(w, a, lda, r0, r1, alpha, y, ldy);
-    case 6: return RowsTimesWeightAvx2<kind, 6, 1>(w, a, lda, r0, r1, alpha, y, ldy);
-    case 7: return RowsTimesWeightAvx2<kind, 7, 1>(w, a, lda, r0, r1, alpha, y, ldy);
-    default: return RowsTimesWeightAvx2<kind, 8, 1>(w, a, lda, r0, r1, alpha, y, ldy);
+    case 1: return RowsTimesWeightAvx2<kind, 1, 4>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 2: return RowsTimesWeightAvx2<kind, 2, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 3: return RowsTimesWeightAvx2<kind, 3, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 4: return RowsTimesWeightAvx2<kind, 4, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 5: return RowsTimesWeightAvx2<kind, 5, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 6: return RowsTimesWeightAvx2<kind, 6, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 7: return RowsTimesWeightAvx2<kind, 7, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    default: return RowsTimesWeightAvx2<kind, 8, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
   }
 }
 
-// Writes the 6x16 product to tile, or when c is set adds alpha times it to
-// c[i * ldc + j] directly.
-// With `first`, c is overwritten with alpha * product + bias[i] (bias may be null).
-AVX2_TARGET void MicroKernelAvx2(int64_t kc, const float* a, const float* b, int64_t ldb, float* tile, float* c,
-                                 int64_t ldc, float alpha, bool first = false, const float* bias = nullptr) {
+// Where and how a micro-tile of C is written (see MicroKernelAvx2).
+struct TileStore {
+  float* c = nullptr;            // C(0, 0) of the tile; null: write the raw product to `tile`
+  int64_t ldc = 0;
+  float alpha = 1.f;
+  bool first = false;            // overwrite C with bias[i] (+ add) instead of accumulating
+  const float* bias = nullptr;   // per row, may be null
+  const float* add = nullptr;    // indexed like c, may be null (only with first)
+  bool last = false;             // apply the epilogue
+  const Epilogue* act = nullptr;
+  // AVX-512 only: a partial or split tile.  Rows < mr and columns < nr are written;
+  // columns >= split live `jump` floats further on (the next image's plane).
+  int64_t mr = kMR, nr = kNR, split = kNR, jump = 0;
+  // AVX-512 only, transposed C: column j of row i at c[i + j * col_stride] (rows are
+  // adjacent), with col_bias[j] (may be null) instead of bias.
+  int64_t col_stride = 0;
+  const float* col_bias = nullptr;
+};
+
+// Writes the 6x16 product to tile (row stride ldt), or when tile is null accumulates
+// alpha times it into st.c (see TileStore; mr, nr and split are ignored).
+AVX2_TARGET void MicroKernelAvx2(int64_t kc, const float* a, const float* b, int64_t ldb, float* tile,
+                                 int64_t ldt, const TileStore& st) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -221,31 +258,185 @@ AVX2_TARGET void MicroKernelAvx2(int64_t kc, const float* a, const float* b, int
     c50 = _mm256_fmadd_ps(ai, b0, c50);
     c51 = _mm256_fmadd_ps(ai, b1, c51);
   }
-  if (c != nullptr) {
-    const __m256 al = _mm256_set1_ps(alpha);
+  if (tile == nullptr) {  // write into C
+    const __m256 al = _mm256_set1_ps(st.alpha);
     const __m256 acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+    const bool clamp = st.last && st.act->clamp;
+    const __m256 lo = _mm256_set1_ps(st.act->lo), hi = _mm256_set1_ps(st.act->hi);
     for (int i = 0; i < 6; ++i) {
-      float* row = c + i * ldc;
-      const __m256 c0 = first ? _mm256_set1_ps(bias ? bias[i] : 0.f) : _mm256_loadu_ps(row);
-      const __m256 c1 = first ? c0 : _mm256_loadu_ps(row + 8);
-      _mm256_storeu_ps(row, _mm256_fmadd_ps(al, acc[2 * i], c0));
-      _mm256_storeu_ps(row + 8, _mm256_fmadd_ps(al, acc[2 * i + 1], c1));
+      float* row = st.c + i * st.ldc;
+      __m256 c0, c1;
+      if (st.first) {
+        c0 = c1 = _mm256_set1_ps(st.bias ? st.bias[i] : 0.f);
+        if (st.add) {
+          const float* z = st.add + i * st.ldc;
+          c0 = _mm256_add_ps(c0, _mm256_loadu_ps(z));
+          c1 = _mm256_add_ps(c1, _mm256_loadu_ps(z + 8));
+        }
+      } else {
+        c0 = _mm256_loadu_ps(row);
+        c1 = _mm256_loadu_ps(row + 8);
+      }
+      __m256 v0 = _mm256_fmadd_ps(al, acc[2 * i], c0);
+      __m256 v1 = _mm256_fmadd_ps(al, acc[2 * i + 1], c1);
+      if (clamp) {
+        v0 = _mm256_min_ps(hi, _mm256_max_ps(lo, v0));
+        v1 = _mm256_min_ps(hi, _mm256_max_ps(lo, v1));
+      }
+      _mm256_storeu_ps(row, v0);
+      _mm256_storeu_ps(row + 8, v1);
     }
     return;
   }
-  _mm256_storeu_ps(tile + 0, c00);
-  _mm256_storeu_ps(tile + 8, c01);
-  _mm256_storeu_ps(tile + 16, c10);
-  _mm256_storeu_ps(tile + 24, c11);
-  _mm256_storeu_ps(tile + 32, c20);
-  _mm256_storeu_ps(tile + 40, c21);
-  _mm256_storeu_ps(tile + 48, c30);
-  _mm256_storeu_ps(tile + 56, c31);
-  _mm256_storeu_ps(tile + 64, c40);
-  _mm256_storeu_ps(tile + 72, c41);
-  _mm256_storeu_ps(tile + 80, c50);
-  _mm256_storeu_ps(tile + 88, c51);
+  const __m256 acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+  for (int i = 0; i < 6; ++i) {
+    _mm256_storeu_ps(tile + i * ldt, acc[2 * i]);
+    _mm256_storeu_ps(tile + i * ldt + 8, acc[2 * i + 1]);
+  }
 }
+
+// The full kMR x kNR (6 x 32) tile as two 6 x 16 AVX2 kernels.
+AVX2_TARGET void MicroKernelAvx2Full(int64_t kc, const float* a, const float* b, float* tile, const TileStore& st) {
+  static_assert(kNR == 32, "two 16-wide halves");
+  if (tile != nullptr) {
+    MicroKernelAvx2(kc, a, b, kNR, tile, kNR, st);
+    MicroKernelAvx2(kc, a, b + 16, kNR, tile + 16, kNR, st);
+    return;
+  }
+  MicroKernelAvx2(kc, a, b, kNR, nullptr, 0, st);
+  TileStore right = st;
+  right.c += 16;
+  if (right.add) right.add += 16;
+  MicroKernelAvx2(kc, a, b + 16, kNR, nullptr, 0, right);
+}
+
+// GCC 12's _mm512_max_ps / _mm512_min_ps pass _mm512_undefined_ps() and warn about it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// 16 floats: lanes in `near` from p, lanes in `far` from p + jump, others 0.
+AVX512_TARGET inline __m512 SplitLoad(const float* p, int64_t jump, __mmask16 near, __mmask16 far) {
+  return _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(near, p), far, p + jump);
+}
+
+// kMR x kNR (6 x 32) tile with 12 zmm accumulators; same contract as MicroKernelAvx2.
+// R = 6: one A panel; R = 12: two adjacent A panels, a and a + kMR * kc (rows 6..11),
+// which halves the B loads and loop overhead per FMA.
+template <int R>
+AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b, float* tile, const TileStore& st) {
+  static_assert(kMR == 6 && kNR == 32 && (R == 6 || R == 12), "6 or 12 x 32 tile");
+  __m512 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const float* a1 = a + kMR * kc;
+  for (int64_t k = 0; k < kc; ++k, a += kMR, a1 += kMR, b += kNR) {
+    const __m512 b0 = _mm512_loadu_ps(b);
+    const __m512 b1 = _mm512_loadu_ps(b + 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512 ai = _mm512_set1_ps(i < 6 ? a[i] : a1[i - 6]);
+      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+    }
+  }
+  if (tile != nullptr) {
+    for (int i = 0; i < 6; ++i) {
+      _mm512_storeu_ps(tile + i * kNR, acc[i][0]);
+      _mm512_storeu_ps(tile + i * kNR + 16, acc[i][1]);
+    }
+    return;
+  }
+  const __m512 al = _mm512_set1_ps(st.alpha);
+  const bool clamp = st.last && st.act->clamp;
+  const __m512 lo = _mm512_set1_ps(st.act->lo), hi = _mm512_set1_ps(st.act->hi);
+  if (st.col_stride != 0) {
+    const __m512i step = _mm512_set1_epi32(static_cast<int>(st.col_stride));
+    const __m512i idx0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), step);
+    const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_slli_epi32(step, 4));
+    const uint32_t live = st.nr >= 32 ? 0xFFFFFFFFu : (1u << st.nr) - 1u;
+    const __mmask16 n0 = static_cast<__mmask16>(live), n1 = static_cast<__mmask16>(live >> 16);
+    const __m512 b0 = st.col_bias ? _mm512_maskz_loadu_ps(n0, st.col_bias) : _mm512_setzero_ps();
+    const __m512 b1 = st.col_bias ? _mm512_maskz_loadu_ps(n1, st.col_bias + 16) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < st.mr; ++i) {
+      float* base = st.c + i;
+      __m512 c0, c1;
+      if (st.first) {
+        c0 = b0;
+        c1 = b1;
+        if (st.add) {
+          c0 = _mm512_add_ps(c0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), n0, idx0, st.add + i, 4));
+          c1 = _mm512_add_ps(c1, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), n1, idx1, st.add + i, 4));
+        }
+      } else {
+        c0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), n0, idx0, base, 4);
+        c1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), n1, idx1, base, 4);
+      }
+      __m512 v0 = _mm512_fmadd_ps(al, acc[i][0], c0);
+      __m512 v1 = _mm512_fmadd_ps(al, acc[i][1], c1);
+      if (clamp) {
+        v0 = _mm512_min_ps(hi, _mm512_max_ps(lo, v0));
+        v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));
+      }
+      _mm512_mask_i32scatter_ps(base, n0, idx0, v0, 4);
+      _mm512_mask_i32scatter_ps(base, n1, idx1, v1, 4);
+    }
+    return;
+  }
+  if (st.mr != R || st.nr != kNR || st.split != kNR) {
+    // Columns [0, split) at c + j, [split, nr) at c + jump + j.
+    const uint32_t live = st.nr >= 32 ? 0xFFFFFFFFu : (1u << st.nr) - 1u;
+    const uint32_t near = live & (st.split >= 32 ? 0xFFFFFFFFu : (1u << st.split) - 1u), far = live & ~near;
+    const __mmask16 n0 = static_cast<__mmask16>(near), n1 = static_cast<__mmask16>(near >> 16);
+    const __mmask16 f0 = static_cast<__mmask16>(far), f1 = static_cast<__mmask16>(far >> 16);
+    for (int64_t i = 0; i < st.mr; ++i) {
+      float* row = st.c + i * st.ldc;
+      __m512 c0, c1;
+      if (st.first) {
+        c0 = c1 = _mm512_set1_ps(st.bias ? st.bias[i] : 0.f);
+        if (st.add) {
+          const float* z = st.add + i * st.ldc;
+          c0 = _mm512_add_ps(c0, SplitLoad(z, st.jump, n0, f0));
+          c1 = _mm512_add_ps(c1, SplitLoad(z + 16, st.jump, n1, f1));
+        }
+      } else {
+        c0 = SplitLoad(row, st.jump, n0, f0);
+        c1 = SplitLoad(row + 16, st.jump, n1, f1);
+      }
+      __m512 v0 = _mm512_fmadd_ps(al, acc[i][0], c0);
+      __m512 v1 = _mm512_fmadd_ps(al, acc[i][1], c1);
+      if (clamp) {
+        v0 = _mm512_min_ps(hi, _mm512_max_ps(lo, v0));
+        v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));
+      }
+      _mm512_mask_storeu_ps(row, n0, v0);
+      _mm512_mask_storeu_ps(row + 16, n1, v1);
+      _mm512_mask_storeu_ps(row + st.jump, f0, v0);
+      _mm512_mask_storeu_ps(row + st.jump + 16, f1, v1);
+    }
+    return;
+  }
+  for (int i = 0; i < R; ++i) {
+    float* row = st.c + i * st.ldc;
+    __m512 c0, c1;
+    if (st.first) {
+      c0 = c1 = _mm512_set1_ps(st.bias ? st.bias[i] : 0.f);
+      if (st.add) {
+        const float* z = st.add + i * st.ldc;
+        c0 = _mm512_add_ps(c0, _mm512_loadu_ps(z));
+        c1 = _mm512_add_ps(c1, _mm512_loadu_ps(z + 16));
+      }
+    } else {
+      c0 = _mm512_loadu_ps(row);
+      c1 = _mm512_loadu_ps(row + 16);
+    }
+    __m512 v0 = _mm512_fmadd_ps(al, acc[i][0], c0);
+    __m512 v1 = _mm512_fmadd_ps(al, acc[i][1], c1);
+    if (clamp) {
+      v0 = _mm512_min_ps(hi, _mm512_max_ps(lo, v0));
+      v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));
+    }
+    _mm512_storeu_ps(row, v0);
+    _mm512_storeu_ps(row + 16, v1);
+  }
+}
+#pragma GCC diagnostic pop
 
 
 AVX2_TARGET inline void Transpose8x8(__m256 r[8]) {
@@ -322,68 +513,239 @@ AVX2_TARGET void PackWeightPanelsAvx2(const CodebookWeight& w, int64_t row0, int
 
 // offsets[t]: where tap t of output (0, 0) reads in the phase planes.
 AVX2_TARGET void DepthwiseRowsAvx2(const DepthwisePlan& d, const float* phases, const float* taps,
-                                   const int64_t* offsets, float* y) {
+                                   const int64_t* offsets, float bias, const float* z, const Epilogue& act, float* y) {
   alignas(32) float tmp[8];
+  const __m256 vb = _mm256_set1_ps(bias);
+  const __m256 lo = _mm256_set1_ps(act.lo), hi = _mm256_set1_ps(act.hi);
   const int64_t ntaps = d.kh * d.kw;
   for (int64_t oh = 0; oh < d.out_h; ++oh) {
     float* yrow = y + oh * d.out_w;
+    const float* zrow = z ? z + oh * d.out_w : nullptr;
     const float* base = phases + oh * d.sh * d.phase_w;
     for (int64_t ow0 = 0; ow0 < d.out_w; ow0 += 8) {
       const float* b = base + ow0;
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      __m256 acc0 = vb, acc1 = _mm256_setzero_ps();
       int64_t t = 0;
       for (; t + 1 < ntaps; t += 2) {
         acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(taps + t), _mm256_loadu_ps(b + offsets[t]), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(taps + t + 1), _mm256_loadu_ps(b + offsets[t + 1]), acc1);
       }
       if (t < ntaps) acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(taps + t), _mm256_loadu_ps(b + offsets[t]), acc0);
-      const __m256 acc = _mm256_add_ps(acc0, acc1);
+      __m256 acc = _mm256_add_ps(acc0, acc1);
       const int64_t live = std::min<int64_t>(8, d.out_w - ow0);
       if (live == 8) {
-        _mm256_storeu_ps(yrow + ow0, _mm256_add_ps(_mm256_loadu_ps(yrow + ow0), acc));
+        if (zrow) acc = _mm256_add_ps(acc, _mm256_loadu_ps(zrow + ow0));
+        if (act.clamp) acc = _mm256_min_ps(hi, _mm256_max_ps(lo, acc));
+        _mm256_storeu_ps(yrow + ow0, acc);
       } else {
         _mm256_store_ps(tmp, acc);
-        for (int64_t i = 0; i < live; ++i) yrow[ow0 + i] += tmp[i];
+        for (int64_t i = 0; i < live; ++i) yrow[ow0 + i] = act.Apply(tmp[i] + (zrow ? zrow[ow0 + i] : 0.f));
       }
     }
   }
 }
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// R output rows from oh, 16 columns at a time (the tail masked): R independent
+// accumulation chains share every tap broadcast.
+template <int R>
+AVX512_TARGET inline void DepthwiseRowBlockAvx512(const DepthwisePlan& d, const float* phases, const float* taps,
+                                                  const int64_t* offsets, __m512 vb, const float* z,
+                                                  const Epilogue& act, float* y, int64_t oh) {
+  const __m512 lo = _mm512_set1_ps(act.lo), hi = _mm512_set1_ps(act.hi);
+  const int64_t ntaps = d.kh * d.kw, row_step = d.sh * d.phase_w;
+  const float* base = phases + oh * row_step;
+  for (int64_t ow0 = 0; ow0 < d.out_w; ow0 += 16) {
+    const float* b = base + ow0;
+    // two chains per row (even / odd taps) halve the FMA latency chain
+    __m512 acc[R], alt[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = vb;
+      alt[r] = _mm512_setzero_ps();
+    }
+    int64_t t = 0;
+    for (; t + 1 < ntaps; t += 2) {
+      const __m512 tap0 = _mm512_set1_ps(taps[t]), tap1 = _mm512_set1_ps(taps[t + 1]);
+      const float* src0 = b + offsets[t];
+      const float* src1 = b + offsets[t + 1];
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_fmadd_ps(tap0, _mm512_loadu_ps(src0 + r * row_step), acc[r]);
+        alt[r] = _mm512_fmadd_ps(tap1, _mm512_loadu_ps(src1 + r * row_step), alt[r]);
+      }
+    }
+    if (t < ntaps) {
+      const __m512 tap = _mm512_set1_ps(taps[t]);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(tap, _mm512_loadu_ps(b + offsets[t] + r * row_step), acc[r]);
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], alt[r]);
+    const int64_t live = std::min<int64_t>(16, d.out_w - ow0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1u);
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (oh + r) * d.out_w + ow0;
+      __m512 v = acc[r];
+      if (z) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, z + at));
+      if (act.clamp) v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+      _mm512_mask_storeu_ps(y + at, mask, v);
+    }
+  }
+}
+
+// DepthwiseRowsAvx2 with 16 lanes, four output rows at a time.
+AVX512_TARGET void DepthwiseRowsAvx512(const DepthwisePlan& d, const float* phases, const float* taps,
+                                       const int64_t* offsets, float bias, const float* z, const Epilogue& act,
+                                       float* y) {
+  const __m512 vb = _mm512_set1_ps(bias);
+  int64_t oh = 0;
+  for (; oh + 4 <= d.out_h; oh += 4) DepthwiseRowBlockAvx512<4>(d, phases, taps, offsets, vb, z, act, y, oh);
+  switch (d.out_h - oh) {
+    case 3: return DepthwiseRowBlockAvx512<3>(d, phases, taps, offsets, vb, z, act, y, oh);
+    case 2: return DepthwiseRowBlockAvx512<2>(d, phases, taps, offsets, vb, z, act, y, oh);
+    case 1: return DepthwiseRowBlockAvx512<1>(d, phases, taps, offsets, vb, z, act, y, oh);
+    default: return;
+  }
+}
+
+// dst[0, n) = 0 for the row of the phase planes.
+AVX512_TARGET inline void ZeroRowAvx512(float* dst, int64_t n) {
+  for (int64_t t = 0; t < n; t += 16) {
+    const int64_t m = std::min<int64_t>(16, n - t);
+    _mm512_mask_storeu_ps(dst + t, static_cast<__mmask16>((1u << m) - 1u), _mm512_setzero_ps());
+  }
+}
+
+// dst[t] = src[t] for t in [lo, hi), 0 elsewhere in [0, n).
+AVX512_TARGET void CopyRowAvx512(float* dst, const float* src, int64_t lo, int64_t hi, int64_t n) {
+  for (int64_t t = 0; t < n; t += 16) {
+    const int64_t m = std::min<int64_t>(16, n - t);
+    // lanes i with lo <= t + i < hi read src
+    const int64_t a = std::clamp<int64_t>(lo - t, 0, 16), b = std::clamp<int64_t>(hi - t, 0, 16);
+    const uint32_t in = b > a ? ((b >= 16 ? 0xFFFFu : (1u << b) - 1u) & ~((1u << a) - 1u)) : 0u;
+    const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>(in), src + t);
+    _mm512_mask_storeu_ps(dst + t, static_cast<__mmask16>((1u << m) - 1u), v);
+  }
+}
+#pragma GCC diagnostic pop
+
+// dst[t] = src[2 * t] for t in [lo, hi), 16 at a time (the tail masked).
+AVX512_TARGET void GatherStride2Avx512(float* dst, const float* src, int64_t lo, int64_t hi) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t t = lo; t < hi; t += 16) {
+    const int64_t n = std::min<int64_t>(16, hi - t);
+    const uint32_t need = n == 16 ? 0x7FFFFFFFu : (1u << (2 * n - 1)) - 1u;  // src[2t .. 2t + 2n - 2]
+    const __m512 v0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(need), src + 2 * t);
+    const __m512 v1 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(need >> 16), src + 2 * t + 16);
+    _mm512_mask_storeu_ps(dst + t, static_cast<__mmask16>((1u << n) - 1u), _mm512_permutex2var_ps(v0, even, v1));
+  }
+}
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count, const float* x, int64_t in_plane,
+                                           const float* taps, const float* bias, const float* z,
+                                           const Epilogue& act, float* y, int64_t out_plane) {
+  // Zero-padded, channels-last copy of the block: xin[(r * pw + col) * 16 + c].
+  const int64_t ph = d.padded_h, pw = (d.out_w - 1) * d.sw + (d.kw - 1) * d.dw + 1;
+  thread_local std::vector<float> buf;
+  if (buf.size() < static_cast<size_t>(ph * pw * 16)) buf.resize(static_cast<size_t>(ph * pw * 16));
+  float* xin = buf.data();
+  std::memset(xin, 0, static_cast<size_t>(ph * pw * 16) * sizeof(float));
+  const int64_t r0 = std::max<int64_t>(0, d.pad_top), r1 = std::min(ph, d.height + d.pad_top);
+  const int64_t c0 = std::max<int64_t>(0, d.pad_left), c1 = std::min(pw, d.width + d.pad_left);
+  for (int64_t c = 0; c < count; ++c) {
+    const float* plane = x + c * in_plane;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = plane + (r - d.pad_top) * d.width - d.pad_left;
+      float* dst = xin + r * pw * 16 + c;
+      for (int64_t col = c0; col < c1; ++col) dst[col * 16] = src[col];
+    }
+  }
+  const __mmask16 live = static_cast<__mmask16>(count >= 16 ? 0xFFFFu : (1u << count) - 1u);
+  const __m512 vb = bias ? _mm512_maskz_loadu_ps(live, bias) : _mm512_setzero_ps();
+  const __m512 lo = _mm512_set1_ps(act.lo), hi = _mm512_set1_ps(act.hi);
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(out_plane)));
+  const int64_t ntaps = d.kh * d.kw;
+  for (int64_t oh = 0; oh < d.out_h; ++oh) {
+    for (int64_t ow = 0; ow < d.out_w; ++ow) {
+      const float* base = xin + (oh * d.sh * pw + ow * d.sw) * 16;
+      __m512 acc = vb, alt = _mm512_setzero_ps();
+      int64_t t = 0;
+      for (int64_t i = 0; i < d.kh; ++i) {
+        const float* row = base + i * d.dh * pw * 16;
+        for (int64_t j = 0; j < d.kw; ++j, ++t) {
+          const __m512 v = _mm512_loadu_ps(row + j * d.dw * 16);
+          if (t & 1) {
+            alt = _mm512_fmadd_ps(_mm512_loadu_ps(taps + t * 16), v, alt);
+          } else {
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(taps + t * 16), v, acc);
+          }
+        }
+      }
+      (void)ntaps;
+      acc = _mm512_add_ps(acc, alt);
+      const int64_t at = oh * d.out_w + ow;
+      if (z) acc = _mm512_add_ps(acc, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, z + at, 4));
+      if (act.clamp) acc = _mm512_min_ps(hi, _mm512_max_ps(lo, acc));
+      _mm512_mask_i32scatter_ps(y + at, live, idx, acc, 4);
+    }
+  }
+}
+#pragma GCC diagnostic pop
+
 #endif  // ONNX_CODEBOOK_X86
 
 void MicroKernel(int64_t kc, const float* a, const float* b, int64_t ldb, float* tile) {
 #if ONNX_CODEBOOK_X86
-  if (g_avx2) return MicroKernelAvx2(kc, a, b, ldb, tile, nullptr, 0, 0.f);
+  if (g_avx512 && ldb == kNR) return MicroKernelAvx512<6>(kc, a, b, tile, TileStore{});
+  if (g_avx2 && ldb == kNR) return MicroKernelAvx2Full(kc, a, b, tile, TileStore{});
 #endif
   MicroKernelPortable(kc, a, b, ldb, tile);
 }
 
 // Adds alpha * tile[mr][nr] into C at rows i0.., columns j0.. (with `first` and
 // s.init_c, overwrites C with alpha * tile + row_bias instead).
-void StoreTile(const GemmSpec& s, const float* tile, int64_t i0, int64_t mr, int64_t j0, int64_t nr, bool first) {
-  const int64_t jq = j0 / s.col_div, jr = j0 % s.col_div;
-  const bool contiguous = jr + nr <= s.col_div;
+void StoreTile(const GemmSpec& s, const float* tile, int64_t i0, int64_t mr, int64_t j0, int64_t nr, bool first,
+               bool last) {
   const bool overwrite = first && s.init_c;
+  const Epilogue none;
+  const Epilogue& act = last ? s.act : none;
+  int64_t col_at[kNR];
+  float col_base[kNR];
+  for (int64_t j = 0; j < nr; ++j) {
+    const int64_t col = j0 + j;
+    col_at[j] = (col / s.col_div) * s.col_outer + col % s.col_div;
+    col_base[j] = overwrite && s.col_bias ? s.col_bias[col] : 0.f;
+  }
   for (int64_t i = 0; i < mr; ++i) {
-    float* crow = s.c + (i0 + i) * s.row_stride;
+    const int64_t row = (i0 + i) * s.row_stride;
     const float* t = tile + i * kNR;
     const float base = overwrite && s.row_bias ? s.row_bias[i0 + i] : 0.f;
-    if (contiguous) {
-      float* dst = crow + jq * s.col_outer + jr;
-      for (int64_t j = 0; j < nr; ++j) dst[j] = (overwrite ? base : dst[j]) + s.alpha * t[j];
-    } else {
-      for (int64_t j = 0; j < nr; ++j) {
-        const int64_t col = j0 + j;
-        float& dst = crow[(col / s.col_div) * s.col_outer + col % s.col_div];
-        dst = (overwrite ? base : dst) + s.alpha * t[j];
-      }
+    for (int64_t j = 0; j < nr; ++j) {
+      const int64_t at = row + col_at[j];
+      const float prior = overwrite ? base + col_base[j] + (s.add ? s.add[at] : 0.f) : s.c[at];
+      s.c[at] = act.Apply(prior + s.alpha * t[j]);
     }
   }
 }
 
 }  // namespace
 
+bool HasDepthwiseChannels() { return g_avx512; }
+
+void DepthwiseChannels(const DepthwisePlan& plan, int64_t count, const float* x, int64_t in_plane,
+                       const float* taps, const float* bias, const float* z, const Epilogue& act, float* y,
+                       int64_t out_plane) {
+#if ONNX_CODEBOOK_X86
+  if (g_avx512) return DepthwiseChannelsAvx512(plan, count, x, in_plane, taps, bias, z, act, y, out_plane);
+#endif
+  (void)plan, (void)count, (void)x, (void)in_plane, (void)taps, (void)bias, (void)z, (void)act, (void)y,
+      (void)out_plane;
+  throw std::logic_error("DepthwiseChannels needs AVX-512");
+}
+
 bool UsesAvx2() { return g_avx2; }
+bool UsesAvx512() { return g_avx512; }
 
 void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, float* out) {
 #if ONNX_CODEBOOK_X86
@@ -401,7 +763,7 @@ void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, fl
 void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc,
                       int64_t width, float* dst) {
 #if ONNX_CODEBOOK_X86
-  if (g_avx2 && (width == 6 || width == 16)) {
+  if (g_avx2 && (width == 6 || width % 8 == 0)) {
     switch (KindOf(w)) {
       case LutKind::kPermute8: return PackWeightPanelsAvx2<LutKind::kPermute8>(w, row0, i0, n, k0, kc, width, dst);
       case LutKind::kPermute16: return PackWeightPanelsAvx2<LutKind::kPermute16>(w, row0, i0, n, k0, kc, width, dst);
@@ -425,20 +787,20 @@ void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t
 }
 
 void RowsTimesWeight(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0, int64_t r1,
-                     float alpha, float* y, int64_t ldy) {
+                     float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
 #if ONNX_CODEBOOK_X86
   if (g_avx2) {
     switch (KindOf(w)) {
       case LutKind::kPermute8:
-        return RowsTimesWeightDispatch<LutKind::kPermute8>(w, a, lda, rows_a, r0, r1, alpha, y, ldy);
+        return RowsTimesWeightDispatch<LutKind::kPermute8>(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act);
       case LutKind::kPermute16:
-        return RowsTimesWeightDispatch<LutKind::kPermute16>(w, a, lda, rows_a, r0, r1, alpha, y, ldy);
+        return RowsTimesWeightDispatch<LutKind::kPermute16>(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act);
       case LutKind::kGather:
-        return RowsTimesWeightDispatch<LutKind::kGather>(w, a, lda, rows_a, r0, r1, alpha, y, ldy);
+        return RowsTimesWeightDispatch<LutKind::kGather>(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act);
     }
   }
 #endif
-  RowsTimesWeightPortable(w, a, lda, rows_a, r0, r1, alpha, y, ldy);
+  RowsTimesWeightPortable(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act);
 }
 
 void ParallelFor(const OrtKernelContext* ctx, int64_t total, const std::function<void(int64_t)>& fn) {
@@ -527,24 +889,54 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
     alignas(32) float tile[kMR * kNR];
     for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
       const int64_t kc = std::min(kKC, s.K - k0);
+      const bool last = k0 + kc >= s.K;
       s.pack_a(i0, mi, k0, kc, a);
       s.pack_b(j0, nj, k0, kc, b);
       for (int64_t q = 0; q < strips; ++q) {
         const int64_t nr = std::min(kNR, nj - q * kNR);
         const int64_t jc = j0 + q * kNR;
         for (int64_t p = 0; p < panels; ++p) {
-          const int64_t mr = std::min(kMR, mi - p * kMR);
+          int64_t mr = std::min(kMR, mi - p * kMR);
 #if ONNX_CODEBOOK_X86
-          if (g_avx2 && mr == kMR && nr == kNR && jc % s.col_div + kNR <= s.col_div) {
-            float* c = s.c + (i0 + p * kMR) * s.row_stride + (jc / s.col_div) * s.col_outer + jc % s.col_div;
-            const bool first = s.init_c && k0 == 0;
-            MicroKernelAvx2(kc, a + p * kMR * kc, b + q * kNR * kc, kNR, nullptr, c, s.row_stride, s.alpha, first,
-                            s.row_bias ? s.row_bias + i0 + p * kMR : nullptr);
+          const int64_t jr = jc % s.col_div;
+          const bool whole = mr == kMR && nr == kNR && jr + kNR <= s.col_div;
+          const bool transposed = g_avx512 && s.col_div == 1 && s.row_stride == 1 && s.row_bias == nullptr &&
+                                  s.col_outer * kNR < (int64_t{1} << 30);
+          if (transposed || (s.col_bias == nullptr && ((g_avx2 && whole) || (g_avx512 && s.col_div >= kNR)))) {
+            const bool pair = g_avx512 && p + 1 < panels;  // two panels, 12 rows, in one call
+            if (pair) mr = std::min(2 * kMR, mi - p * kMR);
+            float* c = s.c + (i0 + p * kMR) * s.row_stride + (jc / s.col_div) * s.col_outer + jr;
+            TileStore st;
+            st.mr = mr;
+            st.nr = nr;
+            st.split = std::min(kNR, s.col_div - jr);
+            st.jump = s.col_outer - s.col_div;
+            if (transposed) {
+              c = s.c + (i0 + p * kMR) + jc * s.col_outer;
+              st.col_stride = s.col_outer;
+              st.col_bias = s.col_bias ? s.col_bias + jc : nullptr;
+            }
+            st.c = c;
+            st.ldc = s.row_stride;
+            st.alpha = s.alpha;
+            st.first = s.init_c && k0 == 0;
+            st.bias = s.row_bias ? s.row_bias + i0 + p * kMR : nullptr;
+            st.add = st.first && s.add ? s.add + (c - s.c) : nullptr;
+            st.last = last;
+            st.act = &s.act;
+            if (pair) {
+              MicroKernelAvx512<12>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
+              ++p;
+            } else if (g_avx512) {
+              MicroKernelAvx512<6>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
+            } else {
+              MicroKernelAvx2Full(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
+            }
             continue;
           }
 #endif
           MicroKernel(kc, a + p * kMR * kc, b + q * kNR * kc, kNR, tile);
-          StoreTile(s, tile, i0 + p * kMR, mr, jc, nr, k0 == 0);
+          StoreTile(s, tile, i0 + p * kMR, mr, jc, nr, k0 == 0, last);
         }
       }
     }
@@ -556,8 +948,8 @@ DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t k
                             int64_t out_w) {
   DepthwisePlan d{height, width, kh, kw, sh, sw, dh, dw, pad_top, pad_left, out_h, out_w, 0, 0, {}};
   d.padded_h = (out_h - 1) * sh + (kh - 1) * dh + 1;
-  const int64_t out_w8 = (out_w + 7) / 8 * 8;
-  d.phase_w = out_w8 + ((kw - 1) * dw) / sw + 1;
+  const int64_t out_w16 = (out_w + 15) / 16 * 16;  // the row kernels read whole vectors
+  d.phase_w = out_w16 + ((kw - 1) * dw) / sw + 1;
   d.offsets.resize(static_cast<size_t>(kh * kw));
   for (int64_t i = 0; i < kh; ++i) {
     for (int64_t j = 0; j < kw; ++j) {
@@ -568,23 +960,37 @@ DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t k
   return d;
 }
 
-void DepthwisePlane(const DepthwisePlan& d, const float* x, const float* taps, float* y) {
+void DepthwisePlane(const DepthwisePlan& d, const float* x, const float* taps, float bias, const float* z,
+                    const Epilogue& act, float* y) {
   // Zero-padded copy of the input plane, split into `sw` column phases so that
   // every tap reads a contiguous run: phase q, column t holds padded column q + t*sw.
   thread_local std::vector<float> phase_buf;
   float* phases = Scratch(phase_buf, static_cast<size_t>(d.sw * d.padded_h * d.phase_w));
   for (int64_t q = 0; q < d.sw; ++q) {
+    // column t reads iw = t * sw + first; valid when 0 <= iw < width
+    const int64_t first = q - d.pad_left;
+    const int64_t lo = std::min(d.phase_w, first >= 0 ? 0 : (-first + d.sw - 1) / d.sw);
+    const int64_t hi = std::max(lo, std::min(d.phase_w, d.width - first <= 0 ? 0 : (d.width - first + d.sw - 1) / d.sw));
     for (int64_t r = 0; r < d.padded_h; ++r) {
       float* dst = phases + (q * d.padded_h + r) * d.phase_w;
       const int64_t ih = r - d.pad_top;
+#if ONNX_CODEBOOK_X86
+      if (g_avx512 && d.sw <= 2) {
+        if (ih < 0 || ih >= d.height) {
+          ZeroRowAvx512(dst, d.phase_w);
+        } else if (d.sw == 1) {
+          CopyRowAvx512(dst, x + ih * d.width + first, lo, hi, d.phase_w);
+        } else {
+          ZeroRowAvx512(dst, d.phase_w);
+          GatherStride2Avx512(dst, x + ih * d.width + first, lo, hi);
+        }
+        continue;
+      }
+#endif
       if (ih < 0 || ih >= d.height) {
         std::fill_n(dst, d.phase_w, 0.f);
         continue;
       }
-      // column t reads iw = t * sw + first; valid when 0 <= iw < width
-      const int64_t first = q - d.pad_left;
-      const int64_t lo = std::min(d.phase_w, first >= 0 ? 0 : (-first + d.sw - 1) / d.sw);
-      const int64_t hi = std::max(lo, std::min(d.phase_w, d.width - first <= 0 ? 0 : (d.width - first + d.sw - 1) / d.sw));
       const float* src = x + ih * d.width + first;
       std::fill(dst, dst + lo, 0.f);
       if (d.sw == 1) {
@@ -597,15 +1003,16 @@ void DepthwisePlane(const DepthwisePlan& d, const float* x, const float* taps, f
   }
   const std::vector<int64_t>& offsets = d.offsets;
 #if ONNX_CODEBOOK_X86
-  if (g_avx2) return DepthwiseRowsAvx2(d, phases, taps, offsets.data(), y);
+  if (g_avx512) return DepthwiseRowsAvx512(d, phases, taps, offsets.data(), bias, z, act, y);
+  if (g_avx2) return DepthwiseRowsAvx2(d, phases, taps, offsets.data(), bias, z, act, y);
 #endif
   for (int64_t oh = 0; oh < d.out_h; ++oh) {
     float* yrow = y + oh * d.out_w;
     const float* base = phases + oh * d.sh * d.phase_w;
-    for (int64_t t = 0; t < d.kh * d.kw; ++t) {
-      const float* src = base + offsets[t];
-      const float tap = taps[t];
-      for (int64_t ow = 0; ow < d.out_w; ++ow) yrow[ow] += tap * src[ow];
+    for (int64_t ow = 0; ow < d.out_w; ++ow) {
+      float acc = bias;
+      for (int64_t t = 0; t < d.kh * d.kw; ++t) acc += taps[t] * base[offsets[t] + ow];
+      yrow[ow] = act.Apply(acc + (z ? z[oh * d.out_w + ow] : 0.f));
     }
   }
 }

@@ -10,13 +10,16 @@
 
 namespace onnx_codebook {
 
-// Micro-tile of the blocked GEMM: MR rows of A (broadcast) x NR columns of B (vector).
+// Micro-tile of the blocked GEMM: MR rows of A (broadcast) x NR columns of B (vector):
+// one AVX-512 kernel of 6 x 32, or two AVX2 kernels of 6 x 16.
 inline constexpr int64_t kMR = 6;
-inline constexpr int64_t kNR = 16;
+inline constexpr int64_t kNR = 32;
 inline constexpr int64_t kKC = 256;
 
 // True when the AVX2/FMA/BMI2 kernels are used (decided once, at load time).
 bool UsesAvx2();
+// True when the AVX-512 GEMM micro-kernel is used (with the AVX2 decoders).
+bool UsesAvx512();
 
 // Decodes weight row `r`, entries [k0, k0 + count), k0 % 8 == 0, into out
 // (room for count rounded up to 8).
@@ -27,10 +30,10 @@ void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, fl
 void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc,
                       int64_t width, float* dst);
 
-// y[m * ldy + r] += alpha * sum_c a[m * lda + c] * w(r, c) for m < rows_a (<= 8) and
-// r in [r0, r1).  `a` rows hold w.cols_padded floats, zero past w.cols.
+// y[m * ldy + r * ldr] = act(that + alpha * sum_c a[m * lda + c] * w(r, c)) for
+// m < rows_a (<= 8) and r in [r0, r1).  `a` rows hold w.cols_padded floats, zero past w.cols.
 void RowsTimesWeight(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0, int64_t r1,
-                     float alpha, float* y, int64_t ldy);
+                     float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act);
 
 // C(i, j) += alpha * sum_k A(i, k) B(k, j) for i < M, j < N, with
 // C(i, j) at c[i * row_stride + (j / col_div) * col_outer + j % col_div].
@@ -47,6 +50,11 @@ struct GemmSpec {
   // init_c: C holds garbage and is overwritten with row_bias[i] (or 0) + alpha * A B.
   bool init_c = false;
   const float* row_bias = nullptr;
+  const float* col_bias = nullptr;  // like row_bias, per column j
+  // With init_c, also added on the first write: add[] is indexed like c[] (a residual).
+  const float* add = nullptr;
+  // Applied to every element of C on its last write (the last reduction block).
+  Epilogue act;
   int64_t row_stride = 0;
   int64_t col_div = INT64_MAX;
   int64_t col_outer = 0;
@@ -60,8 +68,20 @@ struct DepthwisePlan {
 };
 DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                             int64_t dh, int64_t dw, int64_t pad_top, int64_t pad_left, int64_t out_h, int64_t out_w);
-// y[out_h, out_w] += conv(x[height, width], taps[kh, kw]) for one channel plane.
-void DepthwisePlane(const DepthwisePlan& plan, const float* x, const float* taps, float* y);
+// y[out_h, out_w] = act(bias + z + conv(x[height, width], taps[kh, kw])) for one
+// channel plane; z (same shape as y) may be null.
+void DepthwisePlane(const DepthwisePlan& plan, const float* x, const float* taps, float bias, const float* z,
+                    const Epilogue& act, float* y);
+
+// True when DepthwiseChannels is available (AVX-512).
+bool HasDepthwiseChannels();
+// Depthwise convolution of `count` (<= 16) consecutive channel planes at once,
+// vectorised across the channels (for small planes): plane c reads x + c * in_plane
+// with taps[t * 16 + c] and writes y + c * out_plane = act(conv + bias[c] + z) (bias
+// and z may be null; z is indexed like y).
+void DepthwiseChannels(const DepthwisePlan& plan, int64_t count, const float* x, int64_t in_plane,
+                       const float* taps, const float* bias, const float* z, const Epilogue& act, float* y,
+                       int64_t out_plane);
 
 // Runs a GEMM on onnxruntime's intra-op pool (serially when ctx is null).
 void RunGemm(const GemmSpec& spec, const OrtKernelContext* ctx);

@@ -56,6 +56,23 @@ std::string AttrString(const OrtKernelInfo* info, const char* name, const std::s
   return value;
 }
 
+Epilogue ReadEpilogue(const OrtKernelInfo* info, const std::string& op) {
+  Epilogue e;
+  const std::string activation = AttrString(info, "activation", "");
+  if (activation.empty()) return e;
+  if (activation == "Relu") {
+    e.clamp = true;
+    e.lo = 0.f;
+    return e;
+  }
+  if (activation != "Clip") Fail(op, "unknown activation '" + activation + "' (expected \"\", \"Relu\" or \"Clip\")");
+  e.clamp = true;
+  e.lo = AttrFloat(info, "activation_min", std::numeric_limits<float>::lowest());
+  e.hi = AttrFloat(info, "activation_max", std::numeric_limits<float>::max());
+  if (std::isnan(e.lo) || std::isnan(e.hi)) Fail(op, "activation_min / activation_max must not be NaN");
+  return e;
+}
+
 int64_t ShapeSize(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
@@ -156,17 +173,33 @@ CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& 
     std::copy(cb_data + g * w.k, cb_data + (g + 1) * w.k, w.lut.begin() + g * w.lut_stride);
   }
 
-  // Re-lay out the packed indices as one padded row per output channel, checking
-  // every index against k on the way.
   w.cols_padded = (w.cols + 7) / 8 * 8;
   w.row_bytes = w.cols_padded / 8 * bits;
-  w.indices.assign(static_cast<size_t>(w.rows * w.row_bytes + 8), 0);
   const uint8_t* src = static_cast<const uint8_t*>(idx.data);
   const uint32_t k = static_cast<uint32_t>(w.k);
   auto bad_index = [&](uint32_t value, int64_t flat) {
     Fail(op, "index " + std::to_string(value) + " at position " + std::to_string(flat) +
                  " is out of range for a codebook of k=" + std::to_string(k) + " entries");
   };
+  if (axis == ChannelAxis::kFirst && w.cols % 8 == 0) {
+    // The packed stream already is one byte-aligned row per output channel: use
+    // onnxruntime's initializer in place (it lives as long as the session, hence the
+    // kernel) and copy only the last rows, which the 8-byte loads may read past.
+    for (int64_t i = 0; i < numel; ++i) {
+      const uint32_t v = ReadIndex(src, static_cast<size_t>(i), w.bits);
+      if (v >= k) bad_index(v, i);
+    }
+    const int64_t tail = std::min(w.rows, (8 + w.row_bytes - 1) / w.row_bytes);
+    w.shared = src;
+    w.shared_rows = w.rows - tail;
+    w.indices.assign(static_cast<size_t>(tail * w.row_bytes + 8), 0);
+    std::copy(src + w.shared_rows * w.row_bytes, src + w.rows * w.row_bytes, w.indices.begin());
+    if (weight_shape_out) *weight_shape_out = shape;
+    return w;
+  }
+  // Otherwise re-lay out the packed indices as one padded row per output channel,
+  // checking every index against k on the way.
+  w.indices.assign(static_cast<size_t>(w.rows * w.row_bytes + 8), 0);
   if (axis == ChannelAxis::kFirst) {
     for (int64_t r = 0; r < w.rows; ++r) {
       uint8_t* dst = w.indices.data() + r * w.row_bytes;

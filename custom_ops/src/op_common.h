@@ -7,7 +7,9 @@
 #endif
 #include <onnxruntime_cxx_api.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -45,6 +47,8 @@ std::string AttrString(const OrtKernelInfo* info, const char* name, const std::s
 // value(r, c) = lut[(r / group_size) * lut_stride + index(r, c)].
 // Indices are stored row by row at exactly `bits` bits, each row padded to a
 // multiple of 8 indices (row_bytes = cols_padded / 8 * bits), plus 8 spare bytes.
+// When the packed initializer already has that layout, rows [0, shared_rows) are
+// read from it in place and only the remaining rows are copied into `indices`.
 struct CodebookWeight {
   int bits = 0;
   int64_t rows = 0;
@@ -55,9 +59,13 @@ struct CodebookWeight {
   int64_t k = 0;
   int64_t lut_stride = 0;  // >= max(k, 8); entries past k are 0
   std::vector<uint8_t> indices;
+  const uint8_t* shared = nullptr;
+  int64_t shared_rows = 0;
   std::vector<float> lut;
 
-  const uint8_t* Row(int64_t r) const { return indices.data() + r * row_bytes; }
+  const uint8_t* Row(int64_t r) const {
+    return r < shared_rows ? shared + r * row_bytes : indices.data() + (r - shared_rows) * row_bytes;
+  }
   const float* Lut(int64_t r) const { return lut.data() + (r / group_size) * lut_stride; }
 };
 
@@ -69,6 +77,19 @@ enum class ChannelAxis { kFirst, kLast };
 // bits / weight_shape / group_size attributes.  Fails with a message naming `op`.
 CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& op,
                                   ChannelAxis axis, std::vector<int64_t>* weight_shape);
+
+// Fused epilogue applied where an output element is finally written:
+// y = min(max(y, lo), hi) when `clamp` (Relu: lo = 0, hi = +inf; Clip: its bounds).
+struct Epilogue {
+  bool clamp = false;
+  float lo = -std::numeric_limits<float>::infinity();
+  float hi = std::numeric_limits<float>::infinity();
+  float Apply(float v) const { return clamp ? std::min(std::max(v, lo), hi) : v; }
+};
+
+// Reads `activation` ("", "Relu", "Clip") and `activation_min` / `activation_max`;
+// fails for an unknown activation or NaN bounds.
+Epilogue ReadEpilogue(const OrtKernelInfo* info, const std::string& op);
 
 int64_t ShapeSize(const std::vector<int64_t>& shape);
 std::string ShapeString(const std::vector<int64_t>& shape);
