@@ -412,8 +412,8 @@ def run_search(
                 if bias_t is None:
                     name = f"{l.weight}.bias_correction"
                     bvals = np.zeros(out_ch, dtype=weights[l.weight].dtype)
-                    node.inputs.append(gs.Constant(name, bvals)) if len(node.inputs) == 2 else None
-                    if len(node.inputs) == 3 and node.inputs[2].name == name:
+                    if len(node.inputs) == 2:
+                        node.inputs.append(gs.Constant(name, bvals))
                         st.bias = name
                         biases[name] = bvals
                 else:
