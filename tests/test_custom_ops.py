@@ -125,7 +125,7 @@ def plain_epilogue(node, activation, bounds, residual):
 
 def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, kernel=None, stride=None,
               dilation=None, pads=None, auto_pad=None, bias=None, bits=None, group_size=None, threads=1,
-              activation="", bounds=(-0.5, 0.75), residual=False):
+              activation="", bounds=(-0.5, 0.75), residual=False, size=None):
     batch = batch or int(rng.integers(1, 3))
     group = group or int(rng.choice([1, 1, 2, 3]))
     cin = cin or group * int(rng.integers(1, 5))
@@ -133,7 +133,7 @@ def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, ke
     kernel = kernel or [int(rng.integers(1, 4)) for _ in range(spatial)]
     stride = stride or [int(rng.integers(1, 3)) for _ in range(spatial)]
     dilation = dilation or [int(rng.integers(1, 3)) for _ in range(spatial)]
-    size = [int(rng.integers(6, 12)) for _ in range(spatial)]
+    size = size or [int(rng.integers(6, 12)) for _ in range(spatial)]
     bits = bits or int(rng.integers(1, 9))
     group_size = group_size or int(rng.choice([1, 2, 3, cout]))
     if bias is None:
@@ -228,6 +228,23 @@ def test_conv_3x3_large(threads):
     rng = np.random.default_rng(8)
     conv_case(rng, batch=2, cin=40, cout=100, group=1, kernel=[3, 3], stride=[1, 1], dilation=[1, 1],
               pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=5, group_size=7, bias=True, threads=threads)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, dilation, pads",
+    [([3, 3], [2, 2], [1, 1], [1, 1, 1, 1]), ([5, 3], [1, 2], [2, 1], [2, 0, 1, 3]), ([1, 1], [2, 2], [1, 1], [0] * 4),
+     ([3, 3], [3, 3], [2, 2], [0, 2, 1, 0]), ([7, 7], [2, 2], [1, 1], [3, 3, 3, 3]), ([1, 1], [1, 1], [1, 1], [1] * 4)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_strided_dilated_padded_large(kernel, stride, dilation, pads, threads):
+    # Enough channels for several tiles, a non-square image, every stride phase and the
+    # padded output grid (junk columns) with bias, residual and activation on top.
+    rng = np.random.default_rng(sum(kernel) * 10 + stride[1])
+    conv_case(rng, batch=2, cin=36, cout=70, group=1, kernel=kernel, stride=stride, dilation=dilation, pads=pads,
+              auto_pad="NOTSET", bits=4, group_size=1, bias=True, activation="Relu", residual=True, threads=threads,
+              size=[19, 26])
+    conv_case(rng, batch=1, cin=24, cout=18, group=3, kernel=kernel, stride=stride, dilation=dilation, pads=pads,
+              auto_pad="NOTSET", bits=3, group_size=5, bias=False, threads=threads, size=[23, 17])
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

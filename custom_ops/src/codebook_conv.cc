@@ -1,13 +1,13 @@
 // CodebookConv: ONNX Conv (1-D and 2-D) whose constant weight is stored as packed
 // codebook indices (see onnx_codebook/schema.py).
 //
-// Grouped and dense convolutions run as a GEMM per group, Y_g[M_g, N*P] =
-// W_g[M_g, K_g] * col_g[K_g, N*P], where the weight panels are decoded on the fly and
-// the im2col panels are gathered straight from X (no im2col buffer).  Small planes
-// (P < 2 * kNR) run transposed per image, Y_g^T = col_g^T * W_g^T, so that the vector
-// dimension is the output channels; very few columns (N*P <= 16) run as weight rows
-// against im2col columns.  Convolutions with one input channel per group (depthwise)
-// run directly, plane by plane, or 16 channels at a time for small planes.
+// Grouped and dense convolutions run as an implicit GEMM per image and group,
+// Y_g[M_g, Q] = W_g[M_g, K_g] * col_g[K_g, Q], with the weight panels decoded on the
+// fly and the im2col matrix never built: every row of it is a shifted view of a
+// zero-padded, stride-phase-split copy of the image, which the GEMM reads in place
+// (see PhaseConv).  Very few columns (N*P <= 16) run as weight rows against im2col
+// columns.  Convolutions with one input channel per group (depthwise) run directly,
+// plane by plane, or 16 channels at a time for small planes.
 //
 // The epilogue (bias, residual Z, Relu / Clip) is applied where each output element
 // is written for the last time.
@@ -156,99 +156,155 @@ void FewColumnsConv(const CodebookWeight& w, const ConvGeometry& g, const float*
   }
 }
 
-// Packs columns [j0, j0 + nj) x rows [k0, k0 + kc) of group `grp`'s implicit
-// im2col matrix into strips of [kc][kNR].
-struct Im2colPacker {
-  const ConvGeometry& g;
-  const float* x;
-  int64_t grp;
-  std::vector<int64_t> k_offset, k_dh, k_dw;  // per reduction index: channel offset, row/col shift
-
-  Im2colPacker(const ConvGeometry& geom, const float* input, int64_t group_index) : g(geom), x(input), grp(group_index) {
-    const int64_t taps = g.kh * g.kw, K = g.cin_per_group * taps;
-    k_offset.resize(static_cast<size_t>(K));
-    k_dh.resize(static_cast<size_t>(K));
-    k_dw.resize(static_cast<size_t>(K));
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t c = k / taps, t = k % taps;
-      k_offset[k] = c * g.height * g.width;
-      k_dh[k] = (t / g.kw) * g.dh;
-      k_dw[k] = (t % g.kw) * g.dw;
+// Implicit-GEMM convolution without im2col: each image is copied once, zero-padded
+// and split into sh * sw stride phases, phase (a, b) of channel c holding padded
+// pixel (r * sh + a, s * sw + b) at [r][s] of an Hq x Wq plane.  On the output grid
+// q = oh * Wq + ow, tap (i, j) of channel c then reads phase ((i dh) % sh, (j dw) % sw)
+// at q + ((i dh) / sh) * Wq + (j dw) / sw: every row k of the im2col matrix is the
+// phase buffer shifted by a per-k offset, which the GEMM reads in place.  Columns
+// with ow >= out_w are computed and dropped.
+class PhaseConv {
+ public:
+  explicit PhaseConv(const ConvGeometry& geom) : g(geom) {
+    const int64_t span_h = (g.kh - 1) * g.dh + 1, span_w = (g.kw - 1) * g.dw + 1;
+    padded_h = (g.out_h - 1) * g.sh + span_h;
+    padded_w = (g.out_w - 1) * g.sw + span_w;
+    hq = (padded_h + g.sh - 1) / g.sh;
+    wq = (padded_w + g.sw - 1) / g.sw;
+    phases = g.sh * g.sw;
+    channel_stride = phases * hq * wq;
+    columns = g.out_h * wq;
+    const int64_t taps = g.kh * g.kw;
+    offsets.resize(static_cast<size_t>(g.cin_per_group * taps));
+    for (int64_t c = 0; c < g.cin_per_group; ++c) {
+      for (int64_t i = 0; i < g.kh; ++i) {
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t ph = i * g.dh, pw = j * g.dw;
+          const int64_t phase = (ph % g.sh) * g.sw + pw % g.sw;
+          offsets[c * taps + i * g.kw + j] = c * channel_stride + phase * hq * wq + (ph / g.sh) * wq + pw / g.sw;
+        }
+      }
     }
+    // Junk columns read up to (kw - 1) * dw / sw past the last plane.
+    buffer_size = g.channels * channel_stride + wq + 16;
   }
 
-  bool Pointwise() const {
+  // True when the output grid is the output itself (no padding or junk columns) and
+  // no copy is needed: a 1x1, stride-1, unpadded convolution.
+  bool InPlace() const {
     return g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.pad_top == 0 && g.pad_left == 0 &&
            g.out_h == g.height && g.out_w == g.width;
   }
 
-  // Strips of `width` (<= kNR) columns: [kc][width] each.
-  void Pack(int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst, int64_t width = kNR) const {
-    const int64_t P = g.out_h * g.out_w;
-    const int64_t image = g.channels * g.height * g.width;
-    const int64_t group_offset = grp * g.cin_per_group * g.height * g.width;
-    const bool pointwise = Pointwise();
-    for (int64_t q = 0; q * width < nj; ++q) {
-      float* strip = dst + q * width * kc;
-      const int64_t jb = j0 + q * width;
-      const int64_t live = std::min(width, nj - q * width);
-      const int64_t n0 = jb / P, p0 = jb % P;
-      if (pointwise && live == width && p0 + width <= P) {
-        const float* src = x + n0 * image + group_offset + p0;
-        if (width == kNR) {  // fixed size: inlined
-          for (int64_t k = 0; k < kc; ++k) std::memcpy(strip + k * kNR, src + k_offset[k0 + k], kNR * sizeof(float));
-        } else {
-          for (int64_t k = 0; k < kc; ++k) std::copy_n(src + k_offset[k0 + k], width, strip + k * width);
-        }
-        continue;
-      }
-      // Runs of columns that share an output row: for every reduction index a run
-      // reads one input row, contiguously when the stride is 1.
-      struct Run {
-        int64_t j, len, base, ih0, iw0;
-      } runs[kNR];
-      int nruns = 0;
-      for (int64_t j = 0; j < live;) {
-        const int64_t col = jb + j, n = col / P, p = col % P;
-        const int64_t oh = p / g.out_w, ow = p % g.out_w;
-        const int64_t len = std::min(live - j, g.out_w - ow);
-        runs[nruns++] = {j, len, n * image + group_offset, oh * g.sh - g.pad_top, ow * g.sw - g.pad_left};
-        j += len;
-      }
-      for (int64_t k = 0; k < kc; ++k) {
-        const int64_t kk = k0 + k;
-        const int64_t off = k_offset[kk], dh = k_dh[kk], dw = k_dw[kk];
-        float* out = strip + k * width;
-        for (int64_t j = live; j < width; ++j) out[j] = 0.f;
-        for (int r = 0; r < nruns; ++r) {
-          const Run& run = runs[r];
-          float* o = out + run.j;
-          const int64_t ih = run.ih0 + dh;
-          if (static_cast<uint64_t>(ih) >= static_cast<uint64_t>(g.height)) {
-            for (int64_t t = 0; t < run.len; ++t) o[t] = 0.f;
-            continue;
+  // Copies image `n` of x into the phase buffer (channels split over the pool).
+  void Fill(const float* x, int64_t n, float* buf, const OrtKernelContext* ctx) const {
+    const int64_t plane = g.height * g.width;
+    const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, channel_stride));
+    ParallelFor(ctx, (g.channels + block - 1) / block, [&](int64_t t) {
+      for (int64_t c = t * block; c < std::min(g.channels, (t + 1) * block); ++c) {
+        const float* src = x + (n * g.channels + c) * plane;
+        float* dst = buf + c * channel_stride;
+        for (int64_t a = 0; a < g.sh; ++a) {
+          for (int64_t b = 0; b < g.sw; ++b) {
+            float* ph = dst + (a * g.sw + b) * hq * wq;
+            // phase column s reads input column s * sw + b - pad_left
+            const int64_t first = b - g.pad_left;
+            const int64_t lo = std::min(wq, first >= 0 ? 0 : (-first + g.sw - 1) / g.sw);
+            const int64_t hi = std::max(lo, std::min(wq, g.width - first <= 0 ? 0 : (g.width - first + g.sw - 1) / g.sw));
+            for (int64_t r = 0; r < hq; ++r) {
+              float* row = ph + r * wq;
+              const int64_t ih = r * g.sh + a - g.pad_top;
+              if (ih < 0 || ih >= g.height) {
+                std::fill_n(row, wq, 0.f);
+                continue;
+              }
+              const float* in = src + ih * g.width + first;
+              std::fill(row, row + lo, 0.f);
+              if (g.sw == 1) {
+                std::memcpy(row + lo, in + lo, static_cast<size_t>(hi - lo) * sizeof(float));
+              } else {
+                for (int64_t s = lo; s < hi; ++s) row[s] = in[s * g.sw];
+              }
+              std::fill(row + hi, row + wq, 0.f);
+            }
           }
-          const float* src = x + run.base + off + ih * g.width;
-          const int64_t iw0 = run.iw0 + dw;
-          // t is valid when 0 <= iw0 + t * sw < width
-          const int64_t lo = std::min(run.len, iw0 >= 0 ? 0 : (-iw0 + g.sw - 1) / g.sw);
-          const int64_t hi = std::max(lo, std::min(run.len, g.width - iw0 <= 0 ? 0 : (g.width - iw0 + g.sw - 1) / g.sw));
-          if (width == kNR && g.sw == 1 && lo == 0 && hi == kNR) {
-            std::memcpy(o, src + iw0, kNR * sizeof(float));  // fixed size: inlined
-            continue;
-          }
-          for (int64_t t = 0; t < lo; ++t) o[t] = 0.f;
-          if (g.sw == 1) {
-            for (int64_t t = lo; t < hi; ++t) o[t] = src[iw0 + t];
-          } else {
-            for (int64_t t = lo; t < hi; ++t) o[t] = src[iw0 + t * g.sw];
-          }
-          for (int64_t t = hi; t < run.len; ++t) o[t] = 0.f;
         }
       }
+    });
+    std::fill(buf + g.channels * channel_stride, buf + buffer_size, 0.f);
+  }
+
+  const ConvGeometry& g;
+  int64_t padded_h = 0, padded_w = 0, hq = 0, wq = 0, phases = 0, channel_stride = 0, columns = 0;
+  int64_t buffer_size = 0;
+  std::vector<int64_t> offsets;  // per reduction index of a group
+};
+
+void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
+                   const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+  const PhaseConv pc(g);
+  const int64_t P = g.out_h * g.out_w;
+  const bool in_place = pc.InPlace();
+  const bool compact = pc.wq != g.out_w;  // junk columns: GEMM into a scratch grid first
+  std::vector<float> buf(in_place ? 0 : static_cast<size_t>(pc.buffer_size));
+  std::vector<float> grid(compact ? static_cast<size_t>(g.out_channels * pc.columns) : 0);
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const float* base = x + n * g.channels * g.height * g.width;
+    if (!in_place) {
+      pc.Fill(x, n, buf.data(), ctx);
+      base = buf.data();
+    }
+    const int64_t group_stride = in_place ? g.cin_per_group * g.height * g.width : g.cin_per_group * pc.channel_stride;
+    float* y_n = y + n * g.out_channels * P;
+    const float* z_n = z ? z + n * g.out_channels * P : nullptr;
+    for (int64_t grp = 0; grp < g.group; ++grp) {
+      const int64_t row0 = grp * g.cout_per_group;
+      GemmSpec spec;
+      spec.M = g.cout_per_group;
+      spec.N = pc.columns;
+      spec.K = w.cols;
+      spec.block_m = 240;
+      spec.block_n = 512;
+      spec.pack_a = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
+        PackWeightPanels(w, row0, i0, mi, k0, kc, kMR, dst);
+      };
+      spec.b_direct = base + grp * group_stride;
+      spec.b_offsets = pc.offsets.data();
+      spec.init_c = true;
+      spec.row_bias = bias ? bias + row0 : nullptr;
+      if (compact) {
+        spec.c = grid.data() + row0 * pc.columns;
+        spec.row_stride = pc.columns;
+      } else {
+        spec.c = y_n + row0 * P;
+        spec.row_stride = P;
+        spec.add = z_n ? z_n + row0 * P : nullptr;
+        spec.act = act;
+      }
+      RunGemm(spec, ctx);
+    }
+    if (compact) {
+      const int64_t block = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, P));
+      ParallelFor(ctx, (g.out_channels + block - 1) / block, [&](int64_t t) {
+        for (int64_t co = t * block; co < std::min(g.out_channels, (t + 1) * block); ++co) {
+          const float* src = grid.data() + co * pc.columns;
+          float* dst = y_n + co * P;
+          const float* zc = z_n ? z_n + co * P : nullptr;
+          for (int64_t oh = 0; oh < g.out_h; ++oh) {
+            const float* s = src + oh * pc.wq;
+            float* d = dst + oh * g.out_w;
+            const float* zr = zc ? zc + oh * g.out_w : nullptr;
+            if (zr) {
+              for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = act.Apply(s[ow] + zr[ow]);
+            } else {
+              for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = act.Apply(s[ow]);
+            }
+          }
+        }
+      });
     }
   }
-};
+}
 
 }  // namespace
 
@@ -368,66 +424,7 @@ void ConvKernel::Compute(OrtKernelContext* context) {
     FewColumnsConv(weight_, g, x, bias, z, act_, y, context);
     return;
   }
-  if (P < 2 * kNR && columns < 4 * kNR) {
-    // Small planes (7x7, ...): a kNR-wide strip of positions would be mostly padding,
-    // so per image Y_g^T[P, M_g] = col_g^T[P, K_g] * W_g^T, vectorised over channels.
-    for (int64_t n = 0; n < g.batch; ++n) {
-      for (int64_t grp = 0; grp < group_; ++grp) {
-        Im2colPacker packer(g, x, grp);
-        const int64_t row0 = grp * g.cout_per_group;
-        const int64_t out = (n * g.out_channels + row0) * P;
-        const CodebookWeight& w = weight_;
-        GemmSpec spec;
-        spec.M = P;
-        spec.N = g.cout_per_group;
-        spec.K = weight_.cols;
-        spec.block_m = 96;
-        spec.block_n = 256;
-        spec.pack_a = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
-          packer.Pack(n * P + i0, mi, k0, kc, dst, kMR);
-        };
-        spec.pack_b = [&](int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst) {
-          PackWeightPanels(w, row0, j0, nj, k0, kc, kNR, dst);
-        };
-        spec.c = y + out;  // C(p, m) at y[out + m * P + p]
-        spec.row_stride = 1;
-        spec.col_div = 1;
-        spec.col_outer = P;
-        spec.init_c = true;
-        spec.col_bias = bias ? bias + row0 : nullptr;
-        spec.add = z ? z + out : nullptr;
-        spec.act = act_;
-        RunGemm(spec, context);
-      }
-    }
-    return;
-  }
-  for (int64_t grp = 0; grp < group_; ++grp) {
-    Im2colPacker packer(g, x, grp);
-    GemmSpec spec;
-    spec.M = g.cout_per_group;
-    spec.N = columns;
-    spec.K = weight_.cols;
-    spec.block_m = 240;
-    spec.block_n = 512;
-    spec.pack_a_cost = 1.0;  // decoding weights
-    spec.pack_b_cost = 1.0;  // gathering im2col columns
-    const int64_t row0 = grp * g.cout_per_group;
-    const CodebookWeight& w = weight_;
-    spec.pack_a = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
-      PackWeightPanels(w, row0, i0, mi, k0, kc, kMR, dst);
-    };
-    spec.pack_b = [&](int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst) { packer.Pack(j0, nj, k0, kc, dst); };
-    spec.c = y + row0 * P;
-    spec.init_c = true;  // every element is written by the first reduction block
-    spec.row_bias = bias ? bias + row0 : nullptr;
-    spec.add = z ? z + row0 * P : nullptr;
-    spec.act = act_;
-    spec.row_stride = P;
-    spec.col_div = P;
-    spec.col_outer = g.out_channels * P;
-    RunGemm(spec, context);
-  }
+  PhaseGemmConv(weight_, g, x, bias, z, act_, y, context);
 }
 
 }  // namespace onnx_codebook

@@ -220,10 +220,6 @@ struct TileStore {
   // AVX-512 only: a partial or split tile.  Rows < mr and columns < nr are written;
   // columns >= split live `jump` floats further on (the next image's plane).
   int64_t mr = kMR, nr = kNR, split = kNR, jump = 0;
-  // AVX-512 only, transposed C: column j of row i at c[i + j * col_stride] (rows are
-  // adjacent), with col_bias[j] (may be null) instead of bias.
-  int64_t col_stride = 0;
-  const float* col_bias = nullptr;
 };
 
 // Writes the 6x16 product to tile (row stride ldt), or when tile is null accumulates
@@ -321,15 +317,19 @@ AVX512_TARGET inline __m512 SplitLoad(const float* p, int64_t jump, __mmask16 ne
 // kMR x kNR (6 x 32) tile with 12 zmm accumulators; same contract as MicroKernelAvx2.
 // R = 6: one A panel; R = 12: two adjacent A panels, a and a + kMR * kc (rows 6..11),
 // which halves the B loads and loop overhead per FMA.
-template <int R>
-AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b, float* tile, const TileStore& st) {
+// kDirect: row k of B is b + boff[k] (read in place, all kNR columns) instead of
+// b + k * kNR.
+template <int R, bool kDirect = false>
+AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b, float* tile, const TileStore& st,
+                                     const int64_t* boff = nullptr) {
   static_assert(kMR == 6 && kNR == 32 && (R == 6 || R == 12), "6 or 12 x 32 tile");
   __m512 acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const float* a1 = a + kMR * kc;
-  for (int64_t k = 0; k < kc; ++k, a += kMR, a1 += kMR, b += kNR) {
-    const __m512 b0 = _mm512_loadu_ps(b);
-    const __m512 b1 = _mm512_loadu_ps(b + 16);
+  for (int64_t k = 0; k < kc; ++k, a += kMR, a1 += kMR) {
+    const float* bk = kDirect ? b + boff[k] : b + k * kNR;
+    const __m512 b0 = _mm512_loadu_ps(bk);
+    const __m512 b1 = _mm512_loadu_ps(bk + 16);
     for (int i = 0; i < R; ++i) {
       const __m512 ai = _mm512_set1_ps(i < 6 ? a[i] : a1[i - 6]);
       acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
@@ -346,39 +346,6 @@ AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b,
   const __m512 al = _mm512_set1_ps(st.alpha);
   const bool clamp = st.last && st.act->clamp;
   const __m512 lo = _mm512_set1_ps(st.act->lo), hi = _mm512_set1_ps(st.act->hi);
-  if (st.col_stride != 0) {
-    const __m512i step = _mm512_set1_epi32(static_cast<int>(st.col_stride));
-    const __m512i idx0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), step);
-    const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_slli_epi32(step, 4));
-    const uint32_t live = st.nr >= 32 ? 0xFFFFFFFFu : (1u << st.nr) - 1u;
-    const __mmask16 n0 = static_cast<__mmask16>(live), n1 = static_cast<__mmask16>(live >> 16);
-    const __m512 b0 = st.col_bias ? _mm512_maskz_loadu_ps(n0, st.col_bias) : _mm512_setzero_ps();
-    const __m512 b1 = st.col_bias ? _mm512_maskz_loadu_ps(n1, st.col_bias + 16) : _mm512_setzero_ps();
-    for (int64_t i = 0; i < st.mr; ++i) {
-      float* base = st.c + i;
-      __m512 c0, c1;
-      if (st.first) {
-        c0 = b0;
-        c1 = b1;
-        if (st.add) {
-          c0 = _mm512_add_ps(c0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), n0, idx0, st.add + i, 4));
-          c1 = _mm512_add_ps(c1, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), n1, idx1, st.add + i, 4));
-        }
-      } else {
-        c0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), n0, idx0, base, 4);
-        c1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), n1, idx1, base, 4);
-      }
-      __m512 v0 = _mm512_fmadd_ps(al, acc[i][0], c0);
-      __m512 v1 = _mm512_fmadd_ps(al, acc[i][1], c1);
-      if (clamp) {
-        v0 = _mm512_min_ps(hi, _mm512_max_ps(lo, v0));
-        v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));
-      }
-      _mm512_mask_i32scatter_ps(base, n0, idx0, v0, 4);
-      _mm512_mask_i32scatter_ps(base, n1, idx1, v1, 4);
-    }
-    return;
-  }
   if (st.mr != R || st.nr != kNR || st.split != kNR) {
     // Columns [0, split) at c + j, [split, nr) at c + jump + j.
     const uint32_t live = st.nr >= 32 ? 0xFFFFFFFFu : (1u << st.nr) - 1u;
@@ -870,12 +837,34 @@ void ChooseTiles(const GemmSpec& s, int64_t* bm_out, int64_t* bn_out) {
   }
 }
 
+// Strips of kNR columns of a direct B (see GemmSpec::b_direct), zero past N.
+void PackDirectStrips(const GemmSpec& s, int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst) {
+  for (int64_t q = 0; q * kNR < nj; ++q) {
+    const int64_t live = std::min(kNR, nj - q * kNR);
+    const float* src = s.b_direct + j0 + q * kNR;
+    float* strip = dst + q * kNR * kc;
+    for (int64_t k = 0; k < kc; ++k) {
+      float* out = strip + k * kNR;
+      std::memcpy(out, src + s.b_offsets[k0 + k], static_cast<size_t>(live) * sizeof(float));
+      for (int64_t j = live; j < kNR; ++j) out[j] = 0.f;
+    }
+  }
+}
+
 }  // namespace
 
 void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
   if (s.M <= 0 || s.N <= 0) return;
+  // Direct B is read in place by the AVX-512 kernel when C is written by it too.
+  const bool direct = s.b_direct != nullptr && g_avx512 && s.col_bias == nullptr && s.col_div >= kNR;
   int64_t bm = 0, bn = 0;
-  ChooseTiles(s, &bm, &bn);
+  if (direct) {
+    GemmSpec costs = s;
+    costs.pack_b_cost = 0.0;
+    ChooseTiles(costs, &bm, &bn);
+  } else {
+    ChooseTiles(s, &bm, &bn);
+  }
   const int64_t tiles_m = (s.M + bm - 1) / bm;
   const int64_t tiles_n = (s.N + bn - 1) / bn;
   ParallelFor(ctx, tiles_m * tiles_n, [&](int64_t t) {
@@ -885,13 +874,18 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
     const int64_t panels = (mi + kMR - 1) / kMR, strips = (nj + kNR - 1) / kNR;
     constexpr int64_t kSlack = 8 * kNR + 8;  // packers may write this far past the end
     float* a = Scratch(a_buf, static_cast<size_t>(panels * kMR * kKC + kSlack));
-    float* b = Scratch(b_buf, static_cast<size_t>(strips * kNR * kKC + kSlack));
+    // Direct B: only a partial last strip is packed (the kernel reads whole strips).
+    float* b = Scratch(b_buf, static_cast<size_t>((direct ? 1 : strips) * kNR * kKC + kSlack));
     alignas(32) float tile[kMR * kNR];
     for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
       const int64_t kc = std::min(kKC, s.K - k0);
       const bool last = k0 + kc >= s.K;
       s.pack_a(i0, mi, k0, kc, a);
-      s.pack_b(j0, nj, k0, kc, b);
+      if (s.b_direct == nullptr) {
+        s.pack_b(j0, nj, k0, kc, b);
+      } else if (!direct) {
+        PackDirectStrips(s, j0, nj, k0, kc, b);
+      }
       for (int64_t q = 0; q < strips; ++q) {
         const int64_t nr = std::min(kNR, nj - q * kNR);
         const int64_t jc = j0 + q * kNR;
@@ -900,9 +894,7 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
 #if ONNX_CODEBOOK_X86
           const int64_t jr = jc % s.col_div;
           const bool whole = mr == kMR && nr == kNR && jr + kNR <= s.col_div;
-          const bool transposed = g_avx512 && s.col_div == 1 && s.row_stride == 1 && s.row_bias == nullptr &&
-                                  s.col_outer * kNR < (int64_t{1} << 30);
-          if (transposed || (s.col_bias == nullptr && ((g_avx2 && whole) || (g_avx512 && s.col_div >= kNR)))) {
+          if (direct || (s.col_bias == nullptr && ((g_avx2 && whole) || (g_avx512 && s.col_div >= kNR)))) {
             const bool pair = g_avx512 && p + 1 < panels;  // two panels, 12 rows, in one call
             if (pair) mr = std::min(2 * kMR, mi - p * kMR);
             float* c = s.c + (i0 + p * kMR) * s.row_stride + (jc / s.col_div) * s.col_outer + jr;
@@ -910,12 +902,7 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
             st.mr = mr;
             st.nr = nr;
             st.split = std::min(kNR, s.col_div - jr);
-            st.jump = s.col_outer - s.col_div;
-            if (transposed) {
-              c = s.c + (i0 + p * kMR) + jc * s.col_outer;
-              st.col_stride = s.col_outer;
-              st.col_bias = s.col_bias ? s.col_bias + jc : nullptr;
-            }
+            st.jump = st.split < kNR ? s.col_outer - s.col_div : 0;
             st.c = c;
             st.ldc = s.row_stride;
             st.alpha = s.alpha;
@@ -924,7 +911,23 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
             st.add = st.first && s.add ? s.add + (c - s.c) : nullptr;
             st.last = last;
             st.act = &s.act;
-            if (pair) {
+            if (direct && nr < kNR) {
+              if (p == 0) PackDirectStrips(s, jc, nr, k0, kc, b);
+              if (pair) {
+                MicroKernelAvx512<12>(kc, a + p * kMR * kc, b, nullptr, st);
+                ++p;
+              } else {
+                MicroKernelAvx512<6>(kc, a + p * kMR * kc, b, nullptr, st);
+              }
+            } else if (direct) {
+              const float* bq = s.b_direct + jc;
+              if (pair) {
+                MicroKernelAvx512<12, true>(kc, a + p * kMR * kc, bq, nullptr, st, s.b_offsets + k0);
+                ++p;
+              } else {
+                MicroKernelAvx512<6, true>(kc, a + p * kMR * kc, bq, nullptr, st, s.b_offsets + k0);
+              }
+            } else if (pair) {
               MicroKernelAvx512<12>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
               ++p;
             } else if (g_avx512) {

@@ -58,6 +58,11 @@ struct GemmSpec {
   int64_t row_stride = 0;
   int64_t col_div = INT64_MAX;
   int64_t col_outer = 0;
+  // Direct B (optional): B(k, j) = b_direct[b_offsets[k] + j], read in place by the
+  // AVX-512 micro-kernel (no packing; pack_b may be null).  Elsewhere it is packed
+  // from there.  Only columns j < N are read.
+  const float* b_direct = nullptr;
+  const int64_t* b_offsets = nullptr;
 };
 
 // Geometry of a depthwise convolution of one plane.
