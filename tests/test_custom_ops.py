@@ -247,6 +247,16 @@ def test_conv_strided_dilated_padded_large(kernel, stride, dilation, pads, threa
               auto_pad="NOTSET", bits=3, group_size=5, bias=False, threads=threads, size=[23, 17])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_batch_in_chunks(threads):
+    # 12 channels of a 92x92 padded grid per image: the kernel runs the batch of 3 in
+    # chunks of 2 + 1 images (its scratch grid is capped at 2^18 floats).
+    rng = np.random.default_rng(11)
+    conv_case(rng, batch=3, cin=8, cout=12, group=1, kernel=[3, 3], stride=[1, 1], dilation=[1, 1],
+              pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=4, group_size=1, bias=True, activation="Relu",
+              residual=True, threads=threads, size=[90, 90])
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("group_size", [1, 3, 64])
 def test_conv_every_bits(bits, group_size):

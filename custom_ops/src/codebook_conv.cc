@@ -13,6 +13,7 @@
 // is written for the last time.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "codebook_ops.h"
@@ -156,24 +157,35 @@ void FewColumnsConv(const CodebookWeight& w, const ConvGeometry& g, const float*
   }
 }
 
-// Implicit-GEMM convolution without im2col: each image is copied once, zero-padded
-// and split into sh * sw stride phases, phase (a, b) of channel c holding padded
-// pixel (r * sh + a, s * sw + b) at [r][s] of an Hq x Wq plane.  On the output grid
-// q = oh * Wq + ow, tap (i, j) of channel c then reads phase ((i dh) % sh, (j dw) % sw)
-// at q + ((i dh) / sh) * Wq + (j dw) / sw: every row k of the im2col matrix is the
-// phase buffer shifted by a per-k offset, which the GEMM reads in place.  Columns
-// with ow >= out_w are computed and dropped.
+// Implicit-GEMM convolution without im2col.  The batch is copied once, zero-padded
+// and split into sh * sw stride phases: phase (a, b) of channel c and image n holds
+// padded pixel (r * sh + a, s * sw + b) at [r][s] of an Hq x Wq plane, laid out as
+// [c][phase][n][Hq][Wq].  On the output grid q = n * Hq * Wq + oh * Wq + ow, tap
+// (i, j) of channel c reads phase ((i dh) % sh, (j dw) % sw) at q + ((i dh) / sh) * Wq
+// + (j dw) / sw, so every row k of the im2col matrix is the buffer shifted by a
+// per-k offset, which the GEMM reads in place.  Grid columns outside the output
+// (ow >= out_w, oh >= out_h) are computed and dropped.
 class PhaseConv {
  public:
-  explicit PhaseConv(const ConvGeometry& geom) : g(geom) {
+  // `images`: how many images of the batch one buffer holds.
+  PhaseConv(const ConvGeometry& geom, int64_t images) : g(geom), images(images) {
     const int64_t span_h = (g.kh - 1) * g.dh + 1, span_w = (g.kw - 1) * g.dw + 1;
-    padded_h = (g.out_h - 1) * g.sh + span_h;
-    padded_w = (g.out_w - 1) * g.sw + span_w;
+    const int64_t padded_h = (g.out_h - 1) * g.sh + span_h, padded_w = (g.out_w - 1) * g.sw + span_w;
     hq = (padded_h + g.sh - 1) / g.sh;
     wq = (padded_w + g.sw - 1) / g.sw;
-    phases = g.sh * g.sw;
-    channel_stride = phases * hq * wq;
-    columns = g.out_h * wq;
+    // 1x1, stride 1, unpadded, one image: the input itself is the grid.
+    in_place = images == 1 && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.pad_top == 0 &&
+               g.pad_left == 0 && g.out_h == g.height && g.out_w == g.width;
+    if (in_place) {
+      hq = g.height;
+      wq = g.width;
+    }
+    image = hq * wq;
+    phase_stride = images * image;
+    channel_stride = g.sh * g.sw * phase_stride;
+    columns = (images - 1) * image + g.out_h * wq;
+    // Without junk columns the GEMM writes the output directly.
+    grid_is_output = wq == g.out_w && (images == 1 || hq == g.out_h);
     const int64_t taps = g.kh * g.kw;
     offsets.resize(static_cast<size_t>(g.cin_per_group * taps));
     for (int64_t c = 0; c < g.cin_per_group; ++c) {
@@ -181,32 +193,26 @@ class PhaseConv {
         for (int64_t j = 0; j < g.kw; ++j) {
           const int64_t ph = i * g.dh, pw = j * g.dw;
           const int64_t phase = (ph % g.sh) * g.sw + pw % g.sw;
-          offsets[c * taps + i * g.kw + j] = c * channel_stride + phase * hq * wq + (ph / g.sh) * wq + pw / g.sw;
+          offsets[c * taps + i * g.kw + j] = c * channel_stride + phase * phase_stride + (ph / g.sh) * wq + pw / g.sw;
         }
       }
     }
-    // Junk columns read up to (kw - 1) * dw / sw past the last plane.
+    // Junk columns of the last image read up to (kw - 1) * dw / sw past its plane.
     buffer_size = g.channels * channel_stride + wq + 16;
   }
 
-  // True when the output grid is the output itself (no padding or junk columns) and
-  // no copy is needed: a 1x1, stride-1, unpadded convolution.
-  bool InPlace() const {
-    return g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.pad_top == 0 && g.pad_left == 0 &&
-           g.out_h == g.height && g.out_w == g.width;
-  }
-
-  // Copies image `n` of x into the phase buffer (channels split over the pool).
-  void Fill(const float* x, int64_t n, float* buf, const OrtKernelContext* ctx) const {
-    const int64_t plane = g.height * g.width;
-    const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, channel_stride));
-    ParallelFor(ctx, (g.channels + block - 1) / block, [&](int64_t t) {
-      for (int64_t c = t * block; c < std::min(g.channels, (t + 1) * block); ++c) {
-        const float* src = x + (n * g.channels + c) * plane;
-        float* dst = buf + c * channel_stride;
+  // Copies images [n0, n0 + count) of x (count <= images) into the phase buffer,
+  // (channel, image) planes split over the pool.
+  void Fill(const float* x, int64_t n0, int64_t count, float* buf, const OrtKernelContext* ctx) const {
+    const int64_t plane = g.height * g.width, planes = g.channels * count;
+    const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.sh * g.sw * image));
+    ParallelFor(ctx, (planes + block - 1) / block, [&](int64_t t) {
+      for (int64_t cn = t * block; cn < std::min(planes, (t + 1) * block); ++cn) {
+        const int64_t c = cn / count, n = cn % count;
+        const float* src = x + ((n0 + n) * g.channels + c) * plane;
         for (int64_t a = 0; a < g.sh; ++a) {
           for (int64_t b = 0; b < g.sw; ++b) {
-            float* ph = dst + (a * g.sw + b) * hq * wq;
+            float* ph = buf + c * channel_stride + (a * g.sw + b) * phase_stride + n * image;
             // phase column s reads input column s * sw + b - pad_left
             const int64_t first = b - g.pad_left;
             const int64_t lo = std::min(wq, first >= 0 ? 0 : (-first + g.sw - 1) / g.sw);
@@ -235,74 +241,91 @@ class PhaseConv {
   }
 
   const ConvGeometry& g;
-  int64_t padded_h = 0, padded_w = 0, hq = 0, wq = 0, phases = 0, channel_stride = 0, columns = 0;
-  int64_t buffer_size = 0;
+  const int64_t images;
+  bool in_place = false, grid_is_output = false;
+  int64_t hq = 0, wq = 0, image = 0, phase_stride = 0, channel_stride = 0, columns = 0, buffer_size = 0;
   std::vector<int64_t> offsets;  // per reduction index of a group
 };
 
+// Images per GEMM: as many as keep its output grid within this many floats (about
+// the L2 cache).  More images decode each weight panel fewer times, but measured
+// slower once the grid spills out of L2.
+constexpr int64_t kGridFloats = int64_t{1} << 18;
+
 void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
                    const Epilogue& act, float* y, const OrtKernelContext* ctx) {
-  const PhaseConv pc(g);
   const int64_t P = g.out_h * g.out_w;
-  const bool in_place = pc.InPlace();
-  const bool compact = pc.wq != g.out_w;  // junk columns: GEMM into a scratch grid first
-  std::vector<float> buf(in_place ? 0 : static_cast<size_t>(pc.buffer_size));
-  std::vector<float> grid(compact ? static_cast<size_t>(g.out_channels * pc.columns) : 0);
-  for (int64_t n = 0; n < g.batch; ++n) {
-    const float* base = x + n * g.channels * g.height * g.width;
-    if (!in_place) {
-      pc.Fill(x, n, buf.data(), ctx);
-      base = buf.data();
+  const int64_t per_image = g.out_channels * PhaseConv(g, 1).image;
+  const int64_t images = std::clamp<int64_t>(kGridFloats / std::max<int64_t>(1, per_image), 1, g.batch);
+  const PhaseConv pc(g, images);
+  std::unique_ptr<CallBuffer> buf, grid;
+  if (!pc.in_place) buf = std::make_unique<CallBuffer>(ctx, static_cast<size_t>(pc.buffer_size));
+  for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
+    const int64_t count = std::min(images, g.batch - n0);
+    // A last, shorter chunk keeps the layout of a full one and has fewer columns;
+    // its junk columns may read the unused image slots, and are dropped.
+    const float* base = x + n0 * g.channels * g.height * g.width;
+    if (buf) {
+      pc.Fill(x, n0, count, buf->data(), ctx);
+      base = buf->data();
     }
-    const int64_t group_stride = in_place ? g.cin_per_group * g.height * g.width : g.cin_per_group * pc.channel_stride;
-    float* y_n = y + n * g.out_channels * P;
-    const float* z_n = z ? z + n * g.out_channels * P : nullptr;
+    float* y_n = y + n0 * g.out_channels * P;
+    const float* z_n = z ? z + n0 * g.out_channels * P : nullptr;
+    if (!pc.grid_is_output && !grid) {
+      grid = std::make_unique<CallBuffer>(ctx, static_cast<size_t>(g.out_channels * pc.columns));
+    }
+    const int64_t columns = (count - 1) * pc.image + g.out_h * pc.wq;
     for (int64_t grp = 0; grp < g.group; ++grp) {
       const int64_t row0 = grp * g.cout_per_group;
       GemmSpec spec;
       spec.M = g.cout_per_group;
-      spec.N = pc.columns;
+      spec.N = columns;
       spec.K = w.cols;
       spec.block_m = 240;
-      spec.block_n = 512;
+      spec.block_n = std::max<int64_t>(512, columns);  // B is not copied: one tile decodes the weights once
       spec.pack_a = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
         PackWeightPanels(w, row0, i0, mi, k0, kc, kMR, dst);
       };
-      spec.b_direct = base + grp * group_stride;
+      spec.b_direct = base + grp * g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride);
       spec.b_offsets = pc.offsets.data();
       spec.init_c = true;
       spec.row_bias = bias ? bias + row0 : nullptr;
-      if (compact) {
-        spec.c = grid.data() + row0 * pc.columns;
+      if (grid) {
+        spec.c = grid->data() + row0 * pc.columns;
         spec.row_stride = pc.columns;
       } else {
+        // column n * P + p of the grid is y[n][co][p]
         spec.c = y_n + row0 * P;
         spec.row_stride = P;
+        spec.col_div = P;
+        spec.col_outer = g.out_channels * P;
         spec.add = z_n ? z_n + row0 * P : nullptr;
         spec.act = act;
       }
       RunGemm(spec, ctx);
     }
-    if (compact) {
-      const int64_t block = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, P));
-      ParallelFor(ctx, (g.out_channels + block - 1) / block, [&](int64_t t) {
-        for (int64_t co = t * block; co < std::min(g.out_channels, (t + 1) * block); ++co) {
-          const float* src = grid.data() + co * pc.columns;
-          float* dst = y_n + co * P;
-          const float* zc = z_n ? z_n + co * P : nullptr;
-          for (int64_t oh = 0; oh < g.out_h; ++oh) {
-            const float* s = src + oh * pc.wq;
-            float* d = dst + oh * g.out_w;
-            const float* zr = zc ? zc + oh * g.out_w : nullptr;
-            if (zr) {
-              for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = act.Apply(s[ow] + zr[ow]);
-            } else {
-              for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = act.Apply(s[ow]);
-            }
+    if (!grid) continue;
+    // grid [co][n][Hq][Wq] -> y [n][co][out_h][out_w], adding Z and the activation
+    const int64_t rows = g.out_channels * count;
+    const int64_t block = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, P));
+    ParallelFor(ctx, (rows + block - 1) / block, [&](int64_t t) {
+      for (int64_t cn = t * block; cn < std::min(rows, (t + 1) * block); ++cn) {
+        const int64_t co = cn / count, n = cn % count;
+        const float* src = grid->data() + co * pc.columns + n * pc.image;
+        float* dst = y_n + (n * g.out_channels + co) * P;
+        const float* zc = z_n ? z_n + (n * g.out_channels + co) * P : nullptr;
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          const float* s = src + oh * pc.wq;
+          float* d = dst + oh * g.out_w;
+          if (zc) {
+            const float* zr = zc + oh * g.out_w;
+            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = act.Apply(s[ow] + zr[ow]);
+          } else {
+            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = act.Apply(s[ow]);
           }
         }
-      });
-    }
+      }
+    });
   }
 }
 

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -768,6 +769,30 @@ void RowsTimesWeight(const CodebookWeight& w, const float* a, int64_t lda, int64
   }
 #endif
   RowsTimesWeightPortable(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act);
+}
+
+CallBuffer::CallBuffer(const OrtKernelContext* ctx, size_t floats) {
+  const size_t bytes = std::max<size_t>(1, floats) * sizeof(float);
+  if (ctx != nullptr) {
+    const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    Ort::ThrowOnError(Ort::GetApi().KernelContext_GetAllocator(ctx, cpu, &allocator_));
+    data_ = static_cast<float*>(allocator_->Alloc(allocator_, bytes));
+  } else {
+    data_ = static_cast<float*>(std::malloc(bytes));
+  }
+  if (data_ == nullptr) {
+    if (allocator_ != nullptr) Ort::GetApi().ReleaseAllocator(allocator_);
+    throw std::bad_alloc();
+  }
+}
+
+CallBuffer::~CallBuffer() {
+  if (allocator_ != nullptr) {
+    allocator_->Free(allocator_, data_);
+    Ort::GetApi().ReleaseAllocator(allocator_);
+  } else {
+    std::free(data_);
+  }
 }
 
 void ParallelFor(const OrtKernelContext* ctx, int64_t total, const std::function<void(int64_t)>& fn) {

@@ -88,6 +88,22 @@ void DepthwiseChannels(const DepthwisePlan& plan, int64_t count, const float* x,
                        const float* taps, const float* bias, const float* z, const Epilogue& act, float* y,
                        int64_t out_plane);
 
+// Scratch floats for one kernel call from onnxruntime's allocator for the context
+// (its arena keeps the memory for the next run), or the heap when ctx is null.
+// Uninitialised.
+class CallBuffer {
+ public:
+  CallBuffer(const OrtKernelContext* ctx, size_t floats);
+  ~CallBuffer();
+  CallBuffer(const CallBuffer&) = delete;
+  CallBuffer& operator=(const CallBuffer&) = delete;
+  float* data() const { return data_; }
+
+ private:
+  OrtAllocator* allocator_ = nullptr;
+  float* data_ = nullptr;
+};
+
 // Runs a GEMM on onnxruntime's intra-op pool (serially when ctx is null).
 void RunGemm(const GemmSpec& spec, const OrtKernelContext* ctx);
 
