@@ -286,6 +286,9 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
       spec.pack_a = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
         PackWeightPanels(w, row0, i0, mi, k0, kc, kMR, dst);
       };
+      spec.pack_a_rows = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
+        PackWeightRows(w, row0, i0, mi, k0, kc, dst);
+      };
       spec.b_direct = base + grp * g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride);
       spec.b_offsets = pc.offsets.data();
       spec.init_c = true;

@@ -311,28 +311,32 @@ AVX2_TARGET void MicroKernelAvx2Full(int64_t kc, const float* a, const float* b,
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // 16 floats: lanes in `near` from p, lanes in `far` from p + jump, others 0.
+// Masks that are all zero skip the access (it would still cost a microcode assist
+// on an unmapped address).
 AVX512_TARGET inline __m512 SplitLoad(const float* p, int64_t jump, __mmask16 near, __mmask16 far) {
-  return _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(near, p), far, p + jump);
+  const __m512 v = near ? _mm512_maskz_loadu_ps(near, p) : _mm512_setzero_ps();
+  return far ? _mm512_mask_loadu_ps(v, far, p + jump) : v;
 }
 
 // kMR x kNR (6 x 32) tile with 12 zmm accumulators; same contract as MicroKernelAvx2.
 // R = 6: one A panel; R = 12: two adjacent A panels, a and a + kMR * kc (rows 6..11),
 // which halves the B loads and loop overhead per FMA.
 // kDirect: row k of B is b + boff[k] (read in place, all kNR columns) instead of
-// b + k * kNR.
-template <int R, bool kDirect = false>
+// b + k * kNR.  kRowsA: A holds rows, row i at a + i * kKC (see PackWeightRows),
+// instead of panels of [kc][kMR].
+template <int R, bool kDirect = false, bool kRowsA = false>
 AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b, float* tile, const TileStore& st,
                                      const int64_t* boff = nullptr) {
   static_assert(kMR == 6 && kNR == 32 && (R == 6 || R == 12), "6 or 12 x 32 tile");
   __m512 acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const float* a1 = a + kMR * kc;
-  for (int64_t k = 0; k < kc; ++k, a += kMR, a1 += kMR) {
+  for (int64_t k = 0; k < kc; ++k) {
     const float* bk = kDirect ? b + boff[k] : b + k * kNR;
     const __m512 b0 = _mm512_loadu_ps(bk);
     const __m512 b1 = _mm512_loadu_ps(bk + 16);
     for (int i = 0; i < R; ++i) {
-      const __m512 ai = _mm512_set1_ps(i < 6 ? a[i] : a1[i - 6]);
+      const __m512 ai = _mm512_set1_ps(kRowsA ? a[i * kKC + k] : i < 6 ? a[k * kMR + i] : a1[k * kMR + i - 6]);
       acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
     }
@@ -373,10 +377,10 @@ AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b,
         v0 = _mm512_min_ps(hi, _mm512_max_ps(lo, v0));
         v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));
       }
-      _mm512_mask_storeu_ps(row, n0, v0);
-      _mm512_mask_storeu_ps(row + 16, n1, v1);
-      _mm512_mask_storeu_ps(row + st.jump, f0, v0);
-      _mm512_mask_storeu_ps(row + st.jump + 16, f1, v1);
+      if (n0) _mm512_mask_storeu_ps(row, n0, v0);
+      if (n1) _mm512_mask_storeu_ps(row + 16, n1, v1);
+      if (f0) _mm512_mask_storeu_ps(row + st.jump, f0, v0);
+      if (f1) _mm512_mask_storeu_ps(row + st.jump + 16, f1, v1);
     }
     return;
   }
@@ -589,7 +593,7 @@ AVX512_TARGET void CopyRowAvx512(float* dst, const float* src, int64_t lo, int64
     // lanes i with lo <= t + i < hi read src
     const int64_t a = std::clamp<int64_t>(lo - t, 0, 16), b = std::clamp<int64_t>(hi - t, 0, 16);
     const uint32_t in = b > a ? ((b >= 16 ? 0xFFFFu : (1u << b) - 1u) & ~((1u << a) - 1u)) : 0u;
-    const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>(in), src + t);
+    const __m512 v = in ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(in), src + t) : _mm512_setzero_ps();
     _mm512_mask_storeu_ps(dst + t, static_cast<__mmask16>((1u << m) - 1u), v);
   }
 }
@@ -754,6 +758,10 @@ void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t
   }
 }
 
+void PackWeightRows(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc, float* dst) {
+  for (int64_t r = 0; r < n; ++r) DecodeRow(w, row0 + i0 + r, k0, kc, dst + r * kKC);
+}
+
 void RowsTimesWeight(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0, int64_t r1,
                      float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
 #if ONNX_CODEBOOK_X86
@@ -882,6 +890,8 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
   if (s.M <= 0 || s.N <= 0) return;
   // Direct B is read in place by the AVX-512 kernel when C is written by it too.
   const bool direct = s.b_direct != nullptr && g_avx512 && s.col_bias == nullptr && s.col_div >= kNR;
+  // Weight rows decoded in place of transposed panels: the direct path only.
+  const bool rows_a = direct && s.pack_a_rows != nullptr;
   int64_t bm = 0, bn = 0;
   if (direct) {
     GemmSpec costs = s;
@@ -905,7 +915,11 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
     for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
       const int64_t kc = std::min(kKC, s.K - k0);
       const bool last = k0 + kc >= s.K;
-      s.pack_a(i0, mi, k0, kc, a);
+      if (rows_a) {
+        s.pack_a_rows(i0, mi, k0, kc, a);
+      } else {
+        s.pack_a(i0, mi, k0, kc, a);
+      }
       if (s.b_direct == nullptr) {
         s.pack_b(j0, nj, k0, kc, b);
       } else if (!direct) {
@@ -927,7 +941,7 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
             st.mr = mr;
             st.nr = nr;
             st.split = std::min(kNR, s.col_div - jr);
-            st.jump = st.split < kNR ? s.col_outer - s.col_div : 0;
+            st.jump = st.split < nr ? s.col_outer - s.col_div : 0;  // no far columns: no far address
             st.c = c;
             st.ldc = s.row_stride;
             st.alpha = s.alpha;
@@ -936,21 +950,26 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
             st.add = st.first && s.add ? s.add + (c - s.c) : nullptr;
             st.last = last;
             st.act = &s.act;
-            if (direct && nr < kNR) {
-              if (p == 0) PackDirectStrips(s, jc, nr, k0, kc, b);
-              if (pair) {
-                MicroKernelAvx512<12>(kc, a + p * kMR * kc, b, nullptr, st);
-                ++p;
+            if (direct) {
+              const bool tail = nr < kNR;  // a partial strip is packed: the kernel reads whole strips
+              if (tail && p == 0) PackDirectStrips(s, jc, nr, k0, kc, b);
+              const float* ap = rows_a ? a + p * kMR * kKC : a + p * kMR * kc;
+              const float* bq = tail ? b : s.b_direct + jc;
+              const int64_t* off = s.b_offsets + k0;
+              if (pair) ++p;
+              if (rows_a) {
+                if (tail) {
+                  pair ? MicroKernelAvx512<12, false, true>(kc, ap, bq, nullptr, st)
+                       : MicroKernelAvx512<6, false, true>(kc, ap, bq, nullptr, st);
+                } else {
+                  pair ? MicroKernelAvx512<12, true, true>(kc, ap, bq, nullptr, st, off)
+                       : MicroKernelAvx512<6, true, true>(kc, ap, bq, nullptr, st, off);
+                }
+              } else if (tail) {
+                pair ? MicroKernelAvx512<12>(kc, ap, bq, nullptr, st) : MicroKernelAvx512<6>(kc, ap, bq, nullptr, st);
               } else {
-                MicroKernelAvx512<6>(kc, a + p * kMR * kc, b, nullptr, st);
-              }
-            } else if (direct) {
-              const float* bq = s.b_direct + jc;
-              if (pair) {
-                MicroKernelAvx512<12, true>(kc, a + p * kMR * kc, bq, nullptr, st, s.b_offsets + k0);
-                ++p;
-              } else {
-                MicroKernelAvx512<6, true>(kc, a + p * kMR * kc, bq, nullptr, st, s.b_offsets + k0);
+                pair ? MicroKernelAvx512<12, true>(kc, ap, bq, nullptr, st, off)
+                     : MicroKernelAvx512<6, true>(kc, ap, bq, nullptr, st, off);
               }
             } else if (pair) {
               MicroKernelAvx512<12>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);

@@ -30,6 +30,10 @@ void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, fl
 void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc,
                       int64_t width, float* dst);
 
+// Decodes rows [row0 + i0, row0 + i0 + n) x cols [k0, k0 + kc) of the weight as
+// rows of dst, row r at dst + r * kKC (k0 % 8 == 0, kc <= kKC).
+void PackWeightRows(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc, float* dst);
+
 // y[m * ldy + r * ldr] = act(that + alpha * sum_c a[m * lda + c] * w(r, c)) for
 // m < rows_a (<= 8) and r in [r0, r1).  `a` rows hold w.cols_padded floats, zero past w.cols.
 void RowsTimesWeight(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0, int64_t r1,
@@ -46,6 +50,9 @@ struct GemmSpec {
   double pack_a_cost = 1.0, pack_b_cost = 1.0;  // cycles per packed element, for tiling
   std::function<void(int64_t, int64_t, int64_t, int64_t, float*)> pack_a;
   std::function<void(int64_t, int64_t, int64_t, int64_t, float*)> pack_b;
+  // Optional, used with a direct B on the AVX-512 path instead of pack_a: writes A
+  // as rows, row i at dst + i * kKC (PackWeightRows), for which no transposing is needed.
+  std::function<void(int64_t, int64_t, int64_t, int64_t, float*)> pack_a_rows;
   float* c = nullptr;
   // init_c: C holds garbage and is overwritten with row_bias[i] (or 0) + alpha * A B.
   bool init_c = false;
