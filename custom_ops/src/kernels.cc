@@ -613,14 +613,32 @@ AVX512_TARGET void GatherStride2Avx512(float* dst, const float* src, int64_t lo,
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Q output positions (step floats apart in xin) of 16 channels: dst[q * 16 + c].
+template <int Q>
+AVX512_TARGET inline void DepthwisePositions(const float* taps, int64_t ntaps, const int64_t* tap_at,
+                                             const float* base, int64_t step, __m512 vb, float* dst) {
+  __m512 acc[Q];
+  for (int q = 0; q < Q; ++q) acc[q] = vb;
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const __m512 wt = _mm512_loadu_ps(taps + t * 16);
+    const float* src = base + tap_at[t];
+    for (int q = 0; q < Q; ++q) acc[q] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(src + q * step), acc[q]);
+  }
+  for (int q = 0; q < Q; ++q) _mm512_storeu_ps(dst + q * 16, acc[q]);
+}
+
 AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count, const float* x, int64_t in_plane,
                                            const float* taps, const float* bias, const float* z,
                                            const Epilogue& act, float* y, int64_t out_plane) {
-  // Zero-padded, channels-last copy of the block: xin[(r * pw + col) * 16 + c].
+  // Zero-padded, channels-last copy of the block: xin[(r * pw + col) * 16 + c]; the
+  // results go channels-last to out[p * 16 + c] and are written back plane by plane
+  // (scalar transposes: AVX-512 gathers and scatters are slow here).
   const int64_t ph = d.padded_h, pw = (d.out_w - 1) * d.sw + (d.kw - 1) * d.dw + 1;
-  thread_local std::vector<float> buf;
+  thread_local std::vector<float> buf, out_buf;
   if (buf.size() < static_cast<size_t>(ph * pw * 16)) buf.resize(static_cast<size_t>(ph * pw * 16));
+  if (out_buf.size() < static_cast<size_t>(out_plane * 16)) out_buf.resize(static_cast<size_t>(out_plane * 16));
   float* xin = buf.data();
+  float* out = out_buf.data();
   std::memset(xin, 0, static_cast<size_t>(ph * pw * 16) * sizeof(float));
   const int64_t r0 = std::max<int64_t>(0, d.pad_top), r1 = std::min(ph, d.height + d.pad_top);
   const int64_t c0 = std::max<int64_t>(0, d.pad_left), c1 = std::min(pw, d.width + d.pad_left);
@@ -634,32 +652,34 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
   }
   const __mmask16 live = static_cast<__mmask16>(count >= 16 ? 0xFFFFu : (1u << count) - 1u);
   const __m512 vb = bias ? _mm512_maskz_loadu_ps(live, bias) : _mm512_setzero_ps();
-  const __m512 lo = _mm512_set1_ps(act.lo), hi = _mm512_set1_ps(act.hi);
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(out_plane)));
+  // per tap: its offset in xin from the window's corner, and its 16 channel weights
   const int64_t ntaps = d.kh * d.kw;
+  thread_local std::vector<int64_t> tap_at;
+  tap_at.resize(static_cast<size_t>(ntaps));
+  for (int64_t i = 0; i < d.kh; ++i)
+    for (int64_t j = 0; j < d.kw; ++j) tap_at[i * d.kw + j] = (i * d.dh * pw + j * d.dw) * 16;
+  // Up to four output positions of a row at a time: independent accumulation chains
+  // that share each tap's weights.
+  const int64_t step = d.sw * 16;
   for (int64_t oh = 0; oh < d.out_h; ++oh) {
-    for (int64_t ow = 0; ow < d.out_w; ++ow) {
+    for (int64_t ow = 0; ow < d.out_w; ow += 4) {
       const float* base = xin + (oh * d.sh * pw + ow * d.sw) * 16;
-      __m512 acc = vb, alt = _mm512_setzero_ps();
-      int64_t t = 0;
-      for (int64_t i = 0; i < d.kh; ++i) {
-        const float* row = base + i * d.dh * pw * 16;
-        for (int64_t j = 0; j < d.kw; ++j, ++t) {
-          const __m512 v = _mm512_loadu_ps(row + j * d.dw * 16);
-          if (t & 1) {
-            alt = _mm512_fmadd_ps(_mm512_loadu_ps(taps + t * 16), v, alt);
-          } else {
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(taps + t * 16), v, acc);
-          }
-        }
+      float* dst = out + (oh * d.out_w + ow) * 16;
+      switch (std::min<int64_t>(4, d.out_w - ow)) {
+        case 4: DepthwisePositions<4>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
+        case 3: DepthwisePositions<3>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
+        case 2: DepthwisePositions<2>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
+        default: DepthwisePositions<1>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
       }
-      (void)ntaps;
-      acc = _mm512_add_ps(acc, alt);
-      const int64_t at = oh * d.out_w + ow;
-      if (z) acc = _mm512_add_ps(acc, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, z + at, 4));
-      if (act.clamp) acc = _mm512_min_ps(hi, _mm512_max_ps(lo, acc));
-      _mm512_mask_i32scatter_ps(y + at, live, idx, acc, 4);
+    }
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    float* yc = y + c * out_plane;
+    const float* zc = z ? z + c * out_plane : nullptr;
+    if (zc) {
+      for (int64_t p = 0; p < out_plane; ++p) yc[p] = act.Apply(out[p * 16 + c] + zc[p]);
+    } else {
+      for (int64_t p = 0; p < out_plane; ++p) yc[p] = act.Apply(out[p * 16 + c]);
     }
   }
 }
