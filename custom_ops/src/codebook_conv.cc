@@ -116,7 +116,7 @@ constexpr int64_t kFewColumns = 16;
 // the im2col columns gathered explicitly (transposed, zero-padded to cols_padded).
 void FewColumnsConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias,
                     const float* z, const Epilogue& act, float* y, const OrtKernelContext* ctx) {
-  const int64_t P = g.out_h * g.out_w, taps = g.kh * g.kw, K = g.cin_per_group * taps;
+  const int64_t P = g.out_h * g.out_w, taps = g.kh * g.kw;
   const int64_t blocks_per_image = (P + 7) / 8;
   for (int64_t n = 0; n < g.batch; ++n) {
     for (int64_t c = 0; c < g.out_channels; ++c) {
@@ -133,10 +133,16 @@ void FewColumnsConv(const CodebookWeight& w, const ConvGeometry& g, const float*
       for (int64_t p = 0; p < P; ++p) {
         float* col = cols.data() + (n * blocks_per_image * 8 + p) * w.cols_padded;
         const int64_t ih0 = (p / g.out_w) * g.sh - g.pad_top, iw0 = (p % g.out_w) * g.sw - g.pad_left;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t c = k / taps, t = k % taps;
-          const int64_t ih = ih0 + (t / g.kw) * g.dh, iw = iw0 + (t % g.kw) * g.dw;
-          if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) col[k] = xg[(c * g.height + ih) * g.width + iw];
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t ih = ih0 + i * g.dh;
+          if (ih < 0 || ih >= g.height) continue;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t iw = iw0 + j * g.dw;
+            if (iw < 0 || iw >= g.width) continue;
+            const float* src = xg + ih * g.width + iw;
+            float* dst = col + i * g.kw + j;
+            for (int64_t c = 0; c < g.cin_per_group; ++c) dst[c * taps] = src[c * g.height * g.width];
+          }
         }
       }
     }
