@@ -224,20 +224,8 @@ class PhaseConv {
             const int64_t lo = std::min(wq, first >= 0 ? 0 : (-first + g.sw - 1) / g.sw);
             const int64_t hi = std::max(lo, std::min(wq, g.width - first <= 0 ? 0 : (g.width - first + g.sw - 1) / g.sw));
             for (int64_t r = 0; r < hq; ++r) {
-              float* row = ph + r * wq;
               const int64_t ih = r * g.sh + a - g.pad_top;
-              if (ih < 0 || ih >= g.height) {
-                std::fill_n(row, wq, 0.f);
-                continue;
-              }
-              const float* in = src + ih * g.width + first;
-              std::fill(row, row + lo, 0.f);
-              if (g.sw == 1) {
-                std::memcpy(row + lo, in + lo, static_cast<size_t>(hi - lo) * sizeof(float));
-              } else {
-                for (int64_t s = lo; s < hi; ++s) row[s] = in[s * g.sw];
-              }
-              std::fill(row + hi, row + wq, 0.f);
+              PaddedRow(ih >= 0 && ih < g.height ? src + ih * g.width + first : nullptr, lo, hi, g.sw, wq, ph + r * wq);
             }
           }
         }

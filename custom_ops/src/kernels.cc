@@ -1027,6 +1027,20 @@ DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t k
   return d;
 }
 
+void PaddedRow(const float* src, int64_t lo, int64_t hi, int64_t stride, int64_t n, float* dst) {
+  if (src == nullptr) {
+    std::fill_n(dst, n, 0.f);
+    return;
+  }
+  std::fill(dst, dst + lo, 0.f);
+  if (stride == 1) {
+    std::memcpy(dst + lo, src + lo, static_cast<size_t>(hi - lo) * sizeof(float));
+  } else {
+    for (int64_t t = lo; t < hi; ++t) dst[t] = src[t * stride];
+  }
+  std::fill(dst + hi, dst + n, 0.f);
+}
+
 void DepthwisePlane(const DepthwisePlan& d, const float* x, const float* taps, float bias, const float* z,
                     const Epilogue& act, float* y) {
   // Zero-padded copy of the input plane, split into `sw` column phases so that
@@ -1054,18 +1068,7 @@ void DepthwisePlane(const DepthwisePlan& d, const float* x, const float* taps, f
         continue;
       }
 #endif
-      if (ih < 0 || ih >= d.height) {
-        std::fill_n(dst, d.phase_w, 0.f);
-        continue;
-      }
-      const float* src = x + ih * d.width + first;
-      std::fill(dst, dst + lo, 0.f);
-      if (d.sw == 1) {
-        std::memcpy(dst + lo, src + lo, static_cast<size_t>(hi - lo) * sizeof(float));
-      } else {
-        for (int64_t t = lo; t < hi; ++t) dst[t] = src[t * d.sw];
-      }
-      std::fill(dst + hi, dst + d.phase_w, 0.f);
+      PaddedRow(ih >= 0 && ih < d.height ? x + ih * d.width + first : nullptr, lo, hi, d.sw, d.phase_w, dst);
     }
   }
   const std::vector<int64_t>& offsets = d.offsets;

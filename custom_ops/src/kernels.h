@@ -72,6 +72,10 @@ struct GemmSpec {
   const int64_t* b_offsets = nullptr;
 };
 
+// One zero-padded row: dst[t] = src[t * stride] for lo <= t < hi, 0 elsewhere in
+// [0, n); src null: all zeros.
+void PaddedRow(const float* src, int64_t lo, int64_t hi, int64_t stride, int64_t n, float* dst);
+
 // Geometry of a depthwise convolution of one plane.
 struct DepthwisePlan {
   int64_t height, width, kh, kw, sh, sw, dh, dw, pad_top, pad_left, out_h, out_w;
