@@ -188,12 +188,51 @@ def inspect_model(model: onnx.ModelProto) -> dict:
     }
 
 
+_FUSED_ONLY_ATTRS = ("bits", "weight_shape", "group_size", "activation", "activation_min", "activation_max")
+
+
+def _plain_nodes(node: onnx.NodeProto, weight: str, opset: int) -> list[onnx.NodeProto]:
+    """The standard op for a fused node with its decoded weight, followed by its
+    epilogue as plain ops: Add of the residual Z, then Relu or Clip."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    bias = [i for i in node.input[3:4] if i]
+    residual = node.input[4] if len(node.input) > 4 and node.input[4] else ""
+    activation = attrs.get("activation", b"")
+    activation = activation.decode() if isinstance(activation, bytes) else activation
+    out = node.output[0]
+    steps = ["Add"] * bool(residual) + [activation] * bool(activation)
+    names = [f"{out}.{step.lower()}_in" for step in steps] + [out]
+    plain = onnx.helper.make_node(PLAIN_OF[node.op_type], [node.input[0], weight, *bias], [names[0]], name=node.name)
+    plain.attribute.extend(a for a in node.attribute if a.name not in _FUSED_ONLY_ATTRS)
+    nodes, cur = [plain], names[0]
+    for step, nxt in zip(steps, names[1:]):
+        name = f"{node.name or out}/{step}"
+        if step == "Add":
+            nodes.append(onnx.helper.make_node("Add", [cur, residual], [nxt], name=name))
+        elif step == "Relu":
+            nodes.append(onnx.helper.make_node("Relu", [cur], [nxt], name=name))
+        elif opset < 11:  # Clip with min / max attributes
+            nodes.append(onnx.helper.make_node("Clip", [cur], [nxt], name=name,
+                                               min=float(attrs.get("activation_min", -np.inf)),
+                                               max=float(attrs.get("activation_max", np.inf))))
+        else:  # Clip with min / max inputs
+            lo, hi = f"{name}/min", f"{name}/max"
+            nodes.append(onnx.helper.make_node("Constant", [], [lo], name=lo, value=numpy_helper.from_array(
+                np.array(attrs.get("activation_min", -np.inf), np.float32))))
+            nodes.append(onnx.helper.make_node("Constant", [], [hi], name=hi, value=numpy_helper.from_array(
+                np.array(attrs.get("activation_max", np.inf), np.float32))))
+            nodes.append(onnx.helper.make_node("Clip", [cur, lo, hi], [nxt], name=name))
+        cur = nxt
+    return nodes
+
+
 def decompress_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """Plain float weights again: decode nodes and fused ops are replaced by initializers
     and the standard ops; outputs equal those of the compressed model."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     decoders = find_decoders(out)
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 1)
     for graph in iter_graphs(out.graph):
         mine = [d for d in decoders if d.graph is graph]
         if not mine:
@@ -211,15 +250,11 @@ def decompress_model(model: onnx.ModelProto) -> onnx.ModelProto:
                     wname = f"{dec.indices}.decoded"
                 if not any(t.name == wname for t in new_inits):
                     new_inits.append(numpy_helper.from_array(w.astype(np.float32), wname))
-                attrs = [a for a in node.attribute if a.name not in ("bits", "weight_shape", "group_size")]
-                plain = onnx.helper.make_node(PLAIN_OF[node.op_type], [node.input[0], wname, *node.input[3:]],
-                                              list(node.output), name=node.name)
-                plain.attribute.extend(attrs)
-                replaced[id(node)] = plain
+                replaced[id(node)] = _plain_nodes(node, wname, opset)
             else:
                 new_inits.append(numpy_helper.from_array(w, dec.output))
                 drop_nodes.update(id(n) for n in dec.nodes)
-        nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in drop_nodes]
+        nodes = [m for n in graph.node if id(n) not in drop_nodes for m in replaced.get(id(n), [n])]
         del graph.node[:]
         graph.node.extend(nodes)
         graph.initializer.extend(new_inits)

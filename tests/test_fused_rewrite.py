@@ -112,3 +112,35 @@ def test_bundled_model_fused_accuracy_equals_standard(tmp_path):
     info = oc.inspect(fused)
     assert {l["format"] for l in info["layers"] if l["format"] != "float"} == {"fused"}
     assert info["compression_ratio"] > 6
+
+
+@pytest.mark.parametrize("opset", [10, 21])
+def test_epilogue_folded_and_unfolded(opset):
+    # Conv -> Add(X) -> Clip(0, 6) and Conv -> Relu fold into the fused ops' epilogue;
+    # decompress writes them out again as plain Add / Clip / Relu with the same outputs.
+    from conftest import helper, init, make_model, randn
+
+    rng = np.random.default_rng(opset)
+    clip = (helper.make_node("Clip", ["s"], ["c"], name="clip", min=0.0, max=6.0) if opset < 11 else
+            helper.make_node("Clip", ["s", "lo", "hi"], ["c"], name="clip"))
+    inits = [init("W1", randn(rng, 16, 16, 3, 3)), init("B1", randn(rng, 16)), init("W2", randn(rng, 16, 16, 3, 3))]
+    if opset >= 11:
+        inits += [init("lo", np.array(0.0, np.float32)), init("hi", np.array(6.0, np.float32))]
+    nodes = [
+        helper.make_node("Conv", ["X", "W1", "B1"], ["y1"], name="conv1", pads=[1] * 4, kernel_shape=[3, 3]),
+        helper.make_node("Add", ["y1", "X"], ["s"], name="add"),
+        clip,
+        helper.make_node("Conv", ["c", "W2"], ["y2"], name="conv2", pads=[1] * 4, kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["y2"], ["Y"], name="relu"),
+    ]
+    model = make_model(nodes, [("X", [1, 16, 8, 8])], [("Y", [1, 16, 8, 8])], inits, opset=opset)
+    fused = oc.compress(model, format="fused", bits=4, granularity="channel", min_elements=0)
+    assert [n.op_type for n in fused.graph.node] == ["CodebookConv", "CodebookConv"]
+    conv1 = fused.graph.node[0]
+    assert len(conv1.input) == 5 and conv1.input[4] == "X"
+    assert {a.name: a for a in conv1.attribute}["activation"].s == b"Clip"
+    feeds = feeds_for(model, rng)
+    plain = oc.decompress(fused)
+    assert sorted(n.op_type for n in plain.graph.node if n.op_type != "Constant") == ["Add", "Clip", "Conv", "Conv", "Relu"]
+    onnx.checker.check_model(plain, full_check=True)
+    _close(_run(fused, feeds), _run(plain, feeds))

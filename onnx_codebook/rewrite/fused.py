@@ -12,7 +12,7 @@ from .common import NameScope, array_constant, lazy_constant
 # Spatial ranks of Conv the kernels implement (weight rank - 2).
 FUSED_CONV_SPATIAL = (1, 2)
 # Fold a following residual Add and Relu / Clip into the fused ops (schema: fused epilogue).
-FOLD_EPILOGUE = False
+FOLD_EPILOGUE = True
 
 
 def fusible(node: gs.Node, weight: gs.Constant) -> bool:
