@@ -247,6 +247,14 @@ def test_conv_strided_dilated_padded_large(kernel, stride, dilation, pads, threa
               auto_pad="NOTSET", bits=3, group_size=5, bias=False, threads=threads, size=[23, 17])
 
 
+def test_conv_pointwise_image_by_image():
+    # 64 x 66 x 66 outputs per image exceed the 2^18-float grid: a 1x1 convolution then
+    # reads each image of the batch in place, one GEMM per image.
+    rng = np.random.default_rng(12)
+    conv_case(rng, batch=2, cin=8, cout=64, group=1, kernel=[1, 1], stride=[1, 1], dilation=[1, 1],
+              auto_pad="VALID", bits=4, group_size=1, bias=True, activation="Relu", residual=True, size=[66, 66])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_conv_batch_in_chunks(threads):
     # 12 channels of a 92x92 padded grid per image: the kernel runs the batch of 3 in
