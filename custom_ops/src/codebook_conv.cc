@@ -1,10 +1,10 @@
 // CodebookConv: ONNX Conv (1-D and 2-D) whose constant weight is stored as packed
 // codebook indices (see onnx_codebook/schema.py).
 //
-// Grouped and dense convolutions run as an implicit GEMM per image and group,
-// Y_g[M_g, Q] = W_g[M_g, K_g] * col_g[K_g, Q], with the weight panels decoded on the
+// Grouped and dense convolutions run as an implicit GEMM per group over a chunk of
+// images, Y_g[M_g, Q] = W_g[M_g, K_g] * col_g[K_g, Q], with the weight rows decoded on the
 // fly and the im2col matrix never built: every row of it is a shifted view of a
-// zero-padded, stride-phase-split copy of the image, which the GEMM reads in place
+// zero-padded, stride-phase-split copy of the images, which the GEMM reads in place
 // (see PhaseConv).  Very few columns (N*P <= 16) run as weight rows against im2col
 // columns.  Convolutions with one input channel per group (depthwise) run directly,
 // plane by plane, or 16 channels at a time for small planes.
