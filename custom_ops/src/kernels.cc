@@ -703,11 +703,9 @@ void StoreTile(const GemmSpec& s, const float* tile, int64_t i0, int64_t mr, int
   const Epilogue none;
   const Epilogue& act = last ? s.act : none;
   int64_t col_at[kNR];
-  float col_base[kNR];
   for (int64_t j = 0; j < nr; ++j) {
     const int64_t col = j0 + j;
     col_at[j] = (col / s.col_div) * s.col_outer + col % s.col_div;
-    col_base[j] = overwrite && s.col_bias ? s.col_bias[col] : 0.f;
   }
   for (int64_t i = 0; i < mr; ++i) {
     const int64_t row = (i0 + i) * s.row_stride;
@@ -715,7 +713,7 @@ void StoreTile(const GemmSpec& s, const float* tile, int64_t i0, int64_t mr, int
     const float base = overwrite && s.row_bias ? s.row_bias[i0 + i] : 0.f;
     for (int64_t j = 0; j < nr; ++j) {
       const int64_t at = row + col_at[j];
-      const float prior = overwrite ? base + col_base[j] + (s.add ? s.add[at] : 0.f) : s.c[at];
+      const float prior = overwrite ? base + (s.add ? s.add[at] : 0.f) : s.c[at];
       s.c[at] = act.Apply(prior + s.alpha * t[j]);
     }
   }
@@ -855,7 +853,8 @@ namespace {
 // Task tiles: enough tasks for the intra-op pool, tiles small enough for the caches,
 // and as little repeated packing as possible (every N tile repacks its A rows,
 // every M tile its B columns).
-void ChooseTiles(const GemmSpec& s, int64_t* bm_out, int64_t* bn_out) {
+// pack_b_cost: cycles per packed element of B (s.pack_b_cost, or 0 when B is read in place).
+void ChooseTiles(const GemmSpec& s, double pack_b_cost, int64_t* bm_out, int64_t* bn_out) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
   const int64_t max_bm = std::max<int64_t>(kMR, s.block_m / kMR * kMR);
   const int64_t max_bn = std::max<int64_t>(kNR, s.block_n / kNR * kNR);
@@ -878,7 +877,7 @@ void ChooseTiles(const GemmSpec& s, int64_t* bm_out, int64_t* bn_out) {
       // cost per reduction index: MACs (~1/32 cycle) + packing (cycles per element)
       const double work = static_cast<double>(tiles_m * bm) * static_cast<double>(tiles_n * bn) / 32.0 +
                           s.pack_a_cost * static_cast<double>(s.M) * static_cast<double>(tiles_n) +
-                          s.pack_b_cost * static_cast<double>(s.N) * static_cast<double>(tiles_m);
+                          pack_b_cost * static_cast<double>(s.N) * static_cast<double>(tiles_m);
       const double rounds = static_cast<double>((tasks + workers - 1) / workers);
       const double time = work / static_cast<double>(tasks) * rounds;
       if (best < 0 || time < best) {
@@ -908,18 +907,11 @@ void PackDirectStrips(const GemmSpec& s, int64_t j0, int64_t nj, int64_t k0, int
 
 void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
   if (s.M <= 0 || s.N <= 0) return;
-  // Direct B is read in place by the AVX-512 kernel when C is written by it too.
-  const bool direct = s.b_direct != nullptr && g_avx512 && s.col_bias == nullptr && s.col_div >= kNR;
-  // Weight rows decoded in place of transposed panels: the direct path only.
-  const bool rows_a = direct && s.pack_a_rows != nullptr;
+  // Direct B is read in place by the AVX-512 kernel when C is written by it too,
+  // against A packed as weight rows (pack_a_rows).
+  const bool direct = s.b_direct != nullptr && g_avx512 && s.col_div >= kNR;
   int64_t bm = 0, bn = 0;
-  if (direct) {
-    GemmSpec costs = s;
-    costs.pack_b_cost = 0.0;
-    ChooseTiles(costs, &bm, &bn);
-  } else {
-    ChooseTiles(s, &bm, &bn);
-  }
+  ChooseTiles(s, direct ? 0.0 : s.pack_b_cost, &bm, &bn);
   const int64_t tiles_m = (s.M + bm - 1) / bm;
   const int64_t tiles_n = (s.N + bn - 1) / bn;
   ParallelFor(ctx, tiles_m * tiles_n, [&](int64_t t) {
@@ -935,7 +927,7 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
     for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
       const int64_t kc = std::min(kKC, s.K - k0);
       const bool last = k0 + kc >= s.K;
-      if (rows_a) {
+      if (direct) {
         s.pack_a_rows(i0, mi, k0, kc, a);
       } else {
         s.pack_a(i0, mi, k0, kc, a);
@@ -953,7 +945,7 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
 #if ONNX_CODEBOOK_X86
           const int64_t jr = jc % s.col_div;
           const bool whole = mr == kMR && nr == kNR && jr + kNR <= s.col_div;
-          if (direct || (s.col_bias == nullptr && ((g_avx2 && whole) || (g_avx512 && s.col_div >= kNR)))) {
+          if (direct || (g_avx2 && whole) || (g_avx512 && s.col_div >= kNR)) {
             const bool pair = g_avx512 && p + 1 < panels;  // two panels, 12 rows, in one call
             if (pair) mr = std::min(2 * kMR, mi - p * kMR);
             float* c = s.c + (i0 + p * kMR) * s.row_stride + (jc / s.col_div) * s.col_outer + jr;
@@ -973,23 +965,15 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
             if (direct) {
               const bool tail = nr < kNR;  // a partial strip is packed: the kernel reads whole strips
               if (tail && p == 0) PackDirectStrips(s, jc, nr, k0, kc, b);
-              const float* ap = rows_a ? a + p * kMR * kKC : a + p * kMR * kc;
-              const float* bq = tail ? b : s.b_direct + jc;
+              const float* ap = a + p * kMR * kKC;  // weight rows
               const int64_t* off = s.b_offsets + k0;
               if (pair) ++p;
-              if (rows_a) {
-                if (tail) {
-                  pair ? MicroKernelAvx512<12, false, true>(kc, ap, bq, nullptr, st)
-                       : MicroKernelAvx512<6, false, true>(kc, ap, bq, nullptr, st);
-                } else {
-                  pair ? MicroKernelAvx512<12, true, true>(kc, ap, bq, nullptr, st, off)
-                       : MicroKernelAvx512<6, true, true>(kc, ap, bq, nullptr, st, off);
-                }
-              } else if (tail) {
-                pair ? MicroKernelAvx512<12>(kc, ap, bq, nullptr, st) : MicroKernelAvx512<6>(kc, ap, bq, nullptr, st);
+              if (tail) {
+                pair ? MicroKernelAvx512<12, false, true>(kc, ap, b, nullptr, st)
+                     : MicroKernelAvx512<6, false, true>(kc, ap, b, nullptr, st);
               } else {
-                pair ? MicroKernelAvx512<12, true>(kc, ap, bq, nullptr, st, off)
-                     : MicroKernelAvx512<6, true>(kc, ap, bq, nullptr, st, off);
+                pair ? MicroKernelAvx512<12, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off)
+                     : MicroKernelAvx512<6, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off);
               }
             } else if (pair) {
               MicroKernelAvx512<12>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);

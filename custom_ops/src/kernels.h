@@ -50,14 +50,13 @@ struct GemmSpec {
   double pack_a_cost = 1.0, pack_b_cost = 1.0;  // cycles per packed element, for tiling
   std::function<void(int64_t, int64_t, int64_t, int64_t, float*)> pack_a;
   std::function<void(int64_t, int64_t, int64_t, int64_t, float*)> pack_b;
-  // Optional, used with a direct B on the AVX-512 path instead of pack_a: writes A
-  // as rows, row i at dst + i * kKC (PackWeightRows), for which no transposing is needed.
+  // With a direct B, used on the AVX-512 path instead of pack_a: writes A as rows,
+  // row i at dst + i * kKC (PackWeightRows), for which no transposing is needed.
   std::function<void(int64_t, int64_t, int64_t, int64_t, float*)> pack_a_rows;
   float* c = nullptr;
   // init_c: C holds garbage and is overwritten with row_bias[i] (or 0) + alpha * A B.
   bool init_c = false;
   const float* row_bias = nullptr;
-  const float* col_bias = nullptr;  // like row_bias, per column j
   // With init_c, also added on the first write: add[] is indexed like c[] (a residual).
   const float* add = nullptr;
   // Applied to every element of C on its last write (the last reduction block).
@@ -66,8 +65,8 @@ struct GemmSpec {
   int64_t col_div = INT64_MAX;
   int64_t col_outer = 0;
   // Direct B (optional): B(k, j) = b_direct[b_offsets[k] + j], read in place by the
-  // AVX-512 micro-kernel (no packing; pack_b may be null).  Elsewhere it is packed
-  // from there.  Only columns j < N are read.
+  // AVX-512 micro-kernel (no packing; pack_b may be null, pack_a_rows must be set).
+  // Elsewhere it is packed from there.  Only columns j < N are read.
   const float* b_direct = nullptr;
   const int64_t* b_offsets = nullptr;
 };
