@@ -247,6 +247,24 @@ def test_conv_strided_dilated_padded_large(kernel, stride, dilation, pads, threa
               auto_pad="NOTSET", bits=3, group_size=5, bias=False, threads=threads, size=[23, 17])
 
 
+@pytest.mark.parametrize(
+    "size, kernel, stride, pads, batch, group, cout",
+    [([7, 7], [3, 3], [1, 1], [1] * 4, 1, 1, 80), ([7, 7], [1, 1], [1, 1], [0] * 4, 1, 1, 80),
+     ([14, 14], [1, 1], [2, 2], [0] * 4, 2, 1, 80), ([9, 13], [3, 3], [2, 1], [1, 0, 1, 2], 2, 1, 70),
+     ([7, 7], [3, 3], [1, 1], [1] * 4, 2, 2, 128)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_small_planes_many_channels(size, kernel, stride, pads, batch, group, cout, threads):
+    # Small output planes with many channels, where the blocked GEMM would pad the
+    # pixels to strips of 32: with AVX-512 these run pixel-major (pixels broadcast, 32
+    # output channels in the vector lanes), 80 / 70 channels leaving a partial block of
+    # 32.  The reduction spans two 256-deep blocks.
+    cin = group * (300 if kernel == [1, 1] else 40)
+    conv_case(np.random.default_rng(sum(size) + batch), batch=batch, cin=cin, cout=cout, group=group, kernel=kernel,
+              stride=stride, dilation=[1, 1], pads=pads, auto_pad="NOTSET", bits=4, group_size=1, bias=True,
+              activation="Relu", residual=True, threads=threads, size=size)
+
+
 def test_conv_pointwise_image_by_image():
     # 64 x 66 x 66 outputs per image exceed the 2^18-float grid: a 1x1 convolution then
     # reads each image of the batch in place, one GEMM per image.
@@ -511,9 +529,10 @@ def test_session_helper_registers_library():
     np.testing.assert_allclose(got, a @ weight, rtol=RTOL, atol=RTOL)
 
 
-@pytest.mark.parametrize("kernels", ["ONNX_CODEBOOK_PORTABLE", "ONNX_CODEBOOK_NO_AVX512"])
+@pytest.mark.parametrize("kernels", ["ONNX_CODEBOOK_PORTABLE", "ONNX_CODEBOOK_NO_AVX512", "ONNX_CODEBOOK_PIXEL_GEMM"])
 def test_fallback_kernels_in_subprocess(kernels):
-    """The portable and the AVX2-only kernels (forced by environment variables) give the same results."""
+    """The portable and the AVX2-only kernels, and the pixel-major convolution for every
+    geometry (forced by environment variables), give the same results."""
     import subprocess
     import sys
 

@@ -166,11 +166,12 @@ void FewColumnsConv(const CodebookWeight& w, const ConvGeometry& g, const float*
 // Implicit-GEMM convolution without im2col.  The batch is copied once, zero-padded
 // and split into sh * sw stride phases: phase (a, b) of channel c and image n holds
 // padded pixel (r * sh + a, s * sw + b) at [r][s] of an Hq x Wq plane, laid out as
-// [c][phase][n][Hq][Wq].  On the output grid q = n * Hq * Wq + oh * Wq + ow, tap
-// (i, j) of channel c reads phase ((i dh) % sh, (j dw) % sw) at q + ((i dh) / sh) * Wq
-// + (j dw) / sw, so every row k of the im2col matrix is the buffer shifted by a
-// per-k offset, which the GEMM reads in place.  Grid columns outside the output
-// (ow >= out_w, oh >= out_h) are computed and dropped.
+// [c][phase][n][Hq][Wq] (only the phases some tap reads are stored).  On the output
+// grid q = n * Hq * Wq + oh * Wq + ow, tap (i, j) of channel c reads phase
+// ((i dh) % sh, (j dw) % sw) at q + ((i dh) / sh) * Wq + (j dw) / sw, so every row k of
+// the im2col matrix is the buffer shifted by a per-k offset, which the GEMM reads in
+// place.  The blocked GEMM computes grid columns outside the output (ow >= out_w,
+// oh >= out_h) and drops them; the pixel-major GEMM reads output pixels only.
 class PhaseConv {
  public:
   // `images`: how many images of the batch one buffer holds.
@@ -188,18 +189,27 @@ class PhaseConv {
     }
     image = hq * wq;
     phase_stride = images * image;
-    channel_stride = g.sh * g.sw * phase_stride;
+    // Only the stride phases that some tap reads are stored (a strided 1x1 reads one).
+    const int64_t taps = g.kh * g.kw;
+    slot.assign(static_cast<size_t>(g.sh * g.sw), -1);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t phase = (i * g.dh % g.sh) * g.sw + j * g.dw % g.sw;
+        if (slot[phase] < 0) slot[phase] = phases++;
+      }
+    }
+    channel_stride = phases * phase_stride;
     columns = (images - 1) * image + g.out_h * wq;
     // Without junk columns the GEMM writes the output directly.
     grid_is_output = wq == g.out_w && (images == 1 || hq == g.out_h);
-    const int64_t taps = g.kh * g.kw;
     offsets.resize(static_cast<size_t>(g.cin_per_group * taps));
     for (int64_t c = 0; c < g.cin_per_group; ++c) {
       for (int64_t i = 0; i < g.kh; ++i) {
         for (int64_t j = 0; j < g.kw; ++j) {
           const int64_t ph = i * g.dh, pw = j * g.dw;
           const int64_t phase = (ph % g.sh) * g.sw + pw % g.sw;
-          offsets[c * taps + i * g.kw + j] = c * channel_stride + phase * phase_stride + (ph / g.sh) * wq + pw / g.sw;
+          offsets[c * taps + i * g.kw + j] =
+              c * channel_stride + slot[phase] * phase_stride + (ph / g.sh) * wq + pw / g.sw;
         }
       }
     }
@@ -211,14 +221,15 @@ class PhaseConv {
   // (channel, image) planes split over the pool.
   void Fill(const float* x, int64_t n0, int64_t count, float* buf, const OrtKernelContext* ctx) const {
     const int64_t plane = g.height * g.width, planes = g.channels * count;
-    const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.sh * g.sw * image));
+    const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, phases * image));
     ParallelFor(ctx, (planes + block - 1) / block, [&](int64_t t) {
       for (int64_t cn = t * block; cn < std::min(planes, (t + 1) * block); ++cn) {
         const int64_t c = cn / count, n = cn % count;
         const float* src = x + ((n0 + n) * g.channels + c) * plane;
         for (int64_t a = 0; a < g.sh; ++a) {
           for (int64_t b = 0; b < g.sw; ++b) {
-            float* ph = buf + c * channel_stride + (a * g.sw + b) * phase_stride + n * image;
+            if (slot[a * g.sw + b] < 0) continue;
+            float* ph = buf + c * channel_stride + slot[a * g.sw + b] * phase_stride + n * image;
             // phase column s reads input column s * sw + b - pad_left
             const int64_t first = b - g.pad_left;
             const int64_t lo = std::min(wq, first >= 0 ? 0 : (-first + g.sw - 1) / g.sw);
@@ -238,7 +249,9 @@ class PhaseConv {
   const int64_t images;
   bool in_place = false, grid_is_output = false;
   int64_t hq = 0, wq = 0, image = 0, phase_stride = 0, channel_stride = 0, columns = 0, buffer_size = 0;
-  std::vector<int64_t> offsets;  // per reduction index of a group
+  int64_t phases = 0;               // stored stride phases per channel
+  std::vector<int64_t> slot;        // per stride phase a * sw + b: its place among them, -1 if unread
+  std::vector<int64_t> offsets;     // per reduction index of a group
 };
 
 // Images per GEMM: as many as keep its output grid within this many floats (about
@@ -246,12 +259,53 @@ class PhaseConv {
 // slower once the grid spills out of L2.
 constexpr int64_t kGridFloats = int64_t{1} << 18;
 
+// Tiles of the pixel-major GEMM over `count` images of the phase grid: runs of output
+// pixels that are contiguous in the grid (a whole image when the grid has no junk
+// columns, else an output row), each split evenly into tiles of at most 12.
+std::vector<PixelTile> PixelTiles(const PhaseConv& pc, int64_t count) {
+  const ConvGeometry& g = pc.g;
+  const int64_t P = g.out_h * g.out_w;
+  const bool whole = pc.wq == g.out_w;
+  const int64_t run = whole ? P : g.out_w, runs = whole ? 1 : g.out_h;
+  const int64_t pieces = (run + 11) / 12, base = run / pieces, longer = run % pieces;
+  std::vector<PixelTile> tiles;
+  tiles.reserve(static_cast<size_t>(count * runs * pieces));
+  for (int64_t n = 0; n < count; ++n) {
+    for (int64_t r = 0; r < runs; ++r) {
+      int64_t grid = n * pc.image + r * pc.wq, out = n * P + r * g.out_w;
+      for (int64_t i = 0; i < pieces; ++i) {
+        const int64_t length = base + (i < longer ? 1 : 0);
+        tiles.push_back({grid, out, length});
+        grid += length;
+        out += length;
+      }
+    }
+  }
+  return tiles;
+}
+
+// Whether the pixel-major GEMM computes fewer multiply-adds than the blocked GEMM
+// over the phase grid (which pads rows to pairs of 6 and grid columns to strips of
+// 32, junk columns included); it decodes transposed weights, so it must win by 10 %.
+bool PreferPixelGemm(const PhaseConv& pc, int64_t count) {
+  if (!HasPixelGemm()) return false;
+  if (ForcePixelGemm()) return true;
+  const ConvGeometry& g = pc.g;
+  const int64_t columns = (count - 1) * pc.image + g.out_h * pc.wq;
+  const double blocked = static_cast<double>((g.cout_per_group + 5) / 6 * 6) *
+                         static_cast<double>((columns + kNR - 1) / kNR * kNR);
+  const double pixel = static_cast<double>((g.cout_per_group + 31) / 32 * 32) *
+                       static_cast<double>(count * g.out_h * g.out_w);
+  return 1.1 * pixel < blocked;
+}
+
 void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
                    const Epilogue& act, float* y, const OrtKernelContext* ctx) {
   const int64_t P = g.out_h * g.out_w;
   const int64_t per_image = g.out_channels * PhaseConv(g, 1).image;
   const int64_t images = std::clamp<int64_t>(kGridFloats / std::max<int64_t>(1, per_image), 1, g.batch);
   const PhaseConv pc(g, images);
+  const bool pixel_major = PreferPixelGemm(pc, images);
   std::unique_ptr<CallBuffer> buf, grid;
   if (!pc.in_place) buf = std::make_unique<CallBuffer>(ctx, static_cast<size_t>(pc.buffer_size));
   for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
@@ -265,6 +319,30 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
     }
     float* y_n = y + n0 * g.out_channels * P;
     const float* z_n = z ? z + n0 * g.out_channels * P : nullptr;
+    if (pixel_major) {
+      const std::vector<PixelTile> tiles = PixelTiles(pc, count);
+      for (int64_t grp = 0; grp < g.group; ++grp) {
+        const int64_t row0 = grp * g.cout_per_group;
+        PixelGemmSpec spec;
+        spec.w = &w;
+        spec.row0 = row0;
+        spec.M = g.cout_per_group;
+        spec.K = w.cols;
+        spec.b = base + grp * g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride);
+        spec.b_offsets = pc.offsets.data();
+        spec.tiles = tiles.data();
+        spec.num_tiles = static_cast<int64_t>(tiles.size());
+        spec.bias = bias ? bias + row0 : nullptr;
+        spec.add = z_n ? z_n + row0 * P : nullptr;
+        spec.act = act;
+        spec.c = y_n + row0 * P;
+        spec.row_stride = P;
+        spec.col_div = P;
+        spec.col_outer = g.out_channels * P;
+        RunPixelGemm(spec, ctx);
+      }
+      continue;
+    }
     if (!pc.grid_is_output && !grid) {
       grid = std::make_unique<CallBuffer>(ctx, static_cast<size_t>(g.out_channels * pc.columns));
     }

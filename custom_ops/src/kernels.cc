@@ -8,6 +8,7 @@
 #include <mutex>
 #include <new>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -324,15 +325,41 @@ AVX512_TARGET inline __m512 SplitLoad(const float* p, int64_t jump, __mmask16 ne
 // kDirect: row k of B is b + boff[k] (read in place, all kNR columns) instead of
 // b + k * kNR.  kRowsA: A holds rows, row i at a + i * kKC (see PackWeightRows),
 // instead of panels of [kc][kMR].
+constexpr int64_t kPrefetchRows = 16;
+
 template <int R, bool kDirect = false, bool kRowsA = false>
 AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b, float* tile, const TileStore& st,
                                      const int64_t* boff = nullptr) {
   static_assert(kMR == 6 && kNR == 32 && (R == 6 || R == 12), "6 or 12 x 32 tile");
+  if (tile == nullptr) {
+    // The epilogue reads and writes C (and Z) rows far apart in memory: start
+    // fetching them now so that they arrive while the loop below computes.
+    for (int64_t i = 0; i < std::min<int64_t>(R, st.mr); ++i) {
+      const char* row = reinterpret_cast<const char*>(st.c + i * st.ldc);
+      _mm_prefetch(row, _MM_HINT_T0);
+      _mm_prefetch(row + 64, _MM_HINT_T0);
+      _mm_prefetch(row + 127, _MM_HINT_T0);
+      if (st.first && st.add) {
+        const char* z = reinterpret_cast<const char*>(st.add + i * st.ldc);
+        _mm_prefetch(z, _MM_HINT_T0);
+        _mm_prefetch(z + 64, _MM_HINT_T0);
+        _mm_prefetch(z + 127, _MM_HINT_T0);
+      }
+    }
+  }
   __m512 acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const float* a1 = a + kMR * kc;
   for (int64_t k = 0; k < kc; ++k) {
     const float* bk = kDirect ? b + boff[k] : b + k * kNR;
+    if constexpr (kDirect) {
+      // B rows are scattered over the phase buffer: fetch a row kPrefetch steps ahead
+      // (its 128 bytes span up to three cache lines).
+      const float* ahead = b + boff[std::min(k + kPrefetchRows, kc - 1)];
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead) + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead) + 127, _MM_HINT_T0);
+    }
     const __m512 b0 = _mm512_loadu_ps(bk);
     const __m512 b1 = _mm512_loadu_ps(bk + 16);
     for (int i = 0; i < R; ++i) {
@@ -685,6 +712,85 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
 }
 #pragma GCC diagnostic pop
 
+
+// ------------------------------------------------------- pixel-major GEMM (AVX-512)
+
+// R output pixels x 32 output channels: out[i * 32 + j] (+)= sum_k b[boff[k] + i] * panel[k * 32 + j].
+// The pixels are broadcast and the channels are the vector lanes, so a plane of 49
+// pixels costs 49 columns, not 64.  Each block of kc is summed on its own and then
+// added (shorter rounding chains than one running sum over the whole reduction).
+template <int R>
+AVX512_TARGET void PixelKernel(int64_t kc, const float* b, const int64_t* boff, const float* panel, float* out,
+                               bool accumulate) {
+  __m512 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k, panel += 32) {
+    const float* bk = b + boff[k];
+    _mm_prefetch(reinterpret_cast<const char*>(b + boff[std::min(k + kPrefetchRows, kc - 1)]), _MM_HINT_T0);
+    const __m512 w0 = _mm512_loadu_ps(panel), w1 = _mm512_loadu_ps(panel + 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512 ai = _mm512_set1_ps(bk[i]);
+      acc[i][0] = _mm512_fmadd_ps(ai, w0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, w1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    if (accumulate) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(out + i * 32));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(out + i * 32 + 16));
+    }
+    _mm512_storeu_ps(out + i * 32, acc[i][0]);
+    _mm512_storeu_ps(out + i * 32 + 16, acc[i][1]);
+  }
+}
+
+AVX512_TARGET void PixelKernelDispatch(int64_t r, int64_t kc, const float* b, const int64_t* boff, const float* panel,
+                                       float* out, bool accumulate) {
+  switch (r) {
+    case 1: return PixelKernel<1>(kc, b, boff, panel, out, accumulate);
+    case 2: return PixelKernel<2>(kc, b, boff, panel, out, accumulate);
+    case 3: return PixelKernel<3>(kc, b, boff, panel, out, accumulate);
+    case 4: return PixelKernel<4>(kc, b, boff, panel, out, accumulate);
+    case 5: return PixelKernel<5>(kc, b, boff, panel, out, accumulate);
+    case 6: return PixelKernel<6>(kc, b, boff, panel, out, accumulate);
+    case 7: return PixelKernel<7>(kc, b, boff, panel, out, accumulate);
+    case 8: return PixelKernel<8>(kc, b, boff, panel, out, accumulate);
+    case 9: return PixelKernel<9>(kc, b, boff, panel, out, accumulate);
+    case 10: return PixelKernel<10>(kc, b, boff, panel, out, accumulate);
+    case 11: return PixelKernel<11>(kc, b, boff, panel, out, accumulate);
+    case 12: return PixelKernel<12>(kc, b, boff, panel, out, accumulate);
+    default: throw std::logic_error("PixelKernel: tile of " + std::to_string(r) + " pixels");
+  }
+}
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// C(i0 + j, col) = act(acc[(col - col0) * 32 + j] + bias + add) for j < rows and col in
+// [col0, col1): 16 columns of one image at a time, read across the scratch with gathers.
+AVX512_TARGET void StorePixelBlock(const PixelGemmSpec& s, const float* acc, int64_t i0, int64_t rows, int64_t col0,
+                                   int64_t col1) {
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(32));
+  const __m512 lo = _mm512_set1_ps(s.act.lo), hi = _mm512_set1_ps(s.act.hi);
+  for (int64_t col = col0; col < col1;) {
+    const int64_t within = col % s.col_div;
+    const int64_t n = std::min<int64_t>({16, col1 - col, s.col_div - within});
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+    const int64_t at = (col / s.col_div) * s.col_outer + within;
+    const float* src = acc + (col - col0) * 32;
+    for (int64_t j = 0; j < rows; ++j) {
+      __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j))), src, 4);
+      if (s.bias) v = _mm512_add_ps(v, _mm512_set1_ps(s.bias[i0 + j]));
+      const int64_t out = (i0 + j) * s.row_stride + at;
+      if (s.add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, s.add + out));
+      if (s.act.clamp) v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+      _mm512_mask_storeu_ps(s.c + out, mask, v);
+    }
+    col += n;
+  }
+}
+#pragma GCC diagnostic pop
+
 #endif  // ONNX_CODEBOOK_X86
 
 void MicroKernel(int64_t kc, const float* a, const float* b, int64_t ldb, float* tile) {
@@ -994,6 +1100,44 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
   });
 }
 
+bool HasPixelGemm() { return g_avx512 && !EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "0"); }
+bool ForcePixelGemm() { return HasPixelGemm() && EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "1"); }
+
+void RunPixelGemm(const PixelGemmSpec& s, const OrtKernelContext* ctx) {
+#if ONNX_CODEBOOK_X86
+  if (!g_avx512) throw std::logic_error("RunPixelGemm needs AVX-512");
+  if (s.M <= 0 || s.num_tiles <= 0) return;
+  // Tasks: blocks of 32 output channels, times parts of the tile list when there are
+  // too few blocks for the pool (each part decodes the block's weights again).
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
+  const int64_t blocks = (s.M + 31) / 32;
+  const int64_t parts = std::clamp<int64_t>((2 * workers + blocks - 1) / blocks, 1, s.num_tiles);
+  ParallelFor(ctx, blocks * parts, [&](int64_t task) {
+    thread_local std::vector<float> panel_buf, acc_buf;
+    const int64_t block = task % blocks, part = task / blocks;
+    const int64_t t0 = s.num_tiles * part / parts, t1 = s.num_tiles * (part + 1) / parts;
+    if (t0 >= t1) return;
+    const int64_t col0 = s.tiles[t0].out, col1 = s.tiles[t1 - 1].out + s.tiles[t1 - 1].length;
+    const int64_t i0 = block * 32, rows = std::min<int64_t>(32, s.M - i0);
+    float* panel = Scratch(panel_buf, static_cast<size_t>(32 * kKC + 8 * 32 + 8));
+    float* acc = Scratch(acc_buf, static_cast<size_t>((col1 - col0) * 32));
+    for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, s.K - k0);
+      PackWeightPanels(*s.w, s.row0, i0, rows, k0, kc, 32, panel);
+      for (int64_t t = t0; t < t1; ++t) {
+        const PixelTile& tile = s.tiles[t];
+        PixelKernelDispatch(tile.length, kc, s.b + tile.grid, s.b_offsets + k0, panel, acc + (tile.out - col0) * 32,
+                            k0 > 0);
+      }
+    }
+    StorePixelBlock(s, acc, i0, rows, col0, col1);
+  });
+#else
+  (void)s, (void)ctx;
+  throw std::logic_error("RunPixelGemm needs AVX-512");
+#endif
+}
+
 DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                             int64_t dh, int64_t dw, int64_t pad_top, int64_t pad_left, int64_t out_h,
                             int64_t out_w) {
@@ -1012,6 +1156,19 @@ DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t k
 }
 
 void PaddedRow(const float* src, int64_t lo, int64_t hi, int64_t stride, int64_t n, float* dst) {
+#if ONNX_CODEBOOK_X86
+  if (g_avx512 && stride <= 2) {
+    if (src == nullptr) {
+      ZeroRowAvx512(dst, n);
+    } else if (stride == 1) {
+      CopyRowAvx512(dst, src, lo, hi, n);
+    } else {
+      ZeroRowAvx512(dst, n);
+      GatherStride2Avx512(dst, src, lo, hi);
+    }
+    return;
+  }
+#endif
   if (src == nullptr) {
     std::fill_n(dst, n, 0.f);
     return;
@@ -1039,19 +1196,6 @@ void DepthwisePlane(const DepthwisePlan& d, const float* x, const float* taps, f
     for (int64_t r = 0; r < d.padded_h; ++r) {
       float* dst = phases + (q * d.padded_h + r) * d.phase_w;
       const int64_t ih = r - d.pad_top;
-#if ONNX_CODEBOOK_X86
-      if (g_avx512 && d.sw <= 2) {
-        if (ih < 0 || ih >= d.height) {
-          ZeroRowAvx512(dst, d.phase_w);
-        } else if (d.sw == 1) {
-          CopyRowAvx512(dst, x + ih * d.width + first, lo, hi, d.phase_w);
-        } else {
-          ZeroRowAvx512(dst, d.phase_w);
-          GatherStride2Avx512(dst, x + ih * d.width + first, lo, hi);
-        }
-        continue;
-      }
-#endif
       PaddedRow(ih >= 0 && ih < d.height ? x + ih * d.width + first : nullptr, lo, hi, d.sw, d.phase_w, dst);
     }
   }

@@ -71,6 +71,35 @@ struct GemmSpec {
   const int64_t* b_offsets = nullptr;
 };
 
+// Pixel-major GEMM for convolutions on small planes (AVX-512 only): C = W B with the
+// output pixels broadcast and 32 output channels in the vector lanes, so that a plane
+// of 49 pixels is not padded to 64 columns.  B(k, g) = b[b_offsets[k] + g]; a tile is a
+// run of `length` (1..12) pixels at B columns [grid, grid + length) and C columns
+// [out, out + length).  Tiles are in column order and cover C columns [0, columns).
+// C(i, j) = act(bias[i] + add(i, j) + sum_k w(row0 + i, k) B(k, g)) at
+// c[i * row_stride + (j / col_div) * col_outer + j % col_div], add indexed like c.
+struct PixelTile {
+  int64_t grid = 0, out = 0, length = 0;
+};
+struct PixelGemmSpec {
+  const CodebookWeight* w = nullptr;
+  int64_t row0 = 0, M = 0, K = 0;
+  const float* b = nullptr;
+  const int64_t* b_offsets = nullptr;
+  const PixelTile* tiles = nullptr;
+  int64_t num_tiles = 0;
+  const float* bias = nullptr;
+  const float* add = nullptr;
+  Epilogue act;
+  float* c = nullptr;
+  int64_t row_stride = 0, col_div = INT64_MAX, col_outer = 0;
+};
+// HasPixelGemm: AVX-512 and not ONNX_CODEBOOK_PIXEL_GEMM=0; ForcePixelGemm:
+// ONNX_CODEBOOK_PIXEL_GEMM=1, every convolution that can runs pixel-major (for testing).
+bool HasPixelGemm();
+bool ForcePixelGemm();
+void RunPixelGemm(const PixelGemmSpec& spec, const OrtKernelContext* ctx);
+
 // One zero-padded row: dst[t] = src[t * stride] for lo <= t < hi, 0 elsewhere in
 // [0, n); src null: all zeros.
 void PaddedRow(const float* src, int64_t lo, int64_t hi, int64_t stride, int64_t n, float* dst);
