@@ -53,7 +53,7 @@ void ResolveAxis(const std::string& op, const std::string& auto_pad, int64_t in,
 }
 
 // Output planes up to this size run depthwise 16 channels at a time.
-constexpr int64_t kSmallPlane = 64;
+constexpr int64_t kSmallPlane = 1024;
 
 // Depthwise-style convolution: every output channel reads a single input channel.
 // y = act(conv + bias + z); bias and z may be null.

@@ -640,6 +640,34 @@ AVX512_TARGET void GatherStride2Avx512(float* dst, const float* src, int64_t lo,
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// r[i][j] -> r[j][i] for a 16 x 16 block of floats in 16 registers.
+AVX512_TARGET inline void Transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  // r[4q + m] now holds, per 128-bit lane l, rows 4q..4q+3 of column 4l + m
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
+
 // Q output positions (step floats apart in xin) of 16 channels: dst[q * 16 + c].
 template <int Q>
 AVX512_TARGET inline void DepthwisePositions(const float* taps, int64_t ntaps, const int64_t* tap_at,
@@ -669,12 +697,16 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
   std::memset(xin, 0, static_cast<size_t>(ph * pw * 16) * sizeof(float));
   const int64_t r0 = std::max<int64_t>(0, d.pad_top), r1 = std::min(ph, d.height + d.pad_top);
   const int64_t c0 = std::max<int64_t>(0, d.pad_left), c1 = std::min(pw, d.width + d.pad_left);
-  for (int64_t c = 0; c < count; ++c) {
-    const float* plane = x + c * in_plane;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* src = plane + (r - d.pad_top) * d.width - d.pad_left;
-      float* dst = xin + r * pw * 16 + c;
-      for (int64_t col = c0; col < c1; ++col) dst[col * 16] = src[col];
+  __m512 v[16];
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t col = c0; col < c1; col += 16) {
+      // 16 columns of 16 channel rows, transposed to channels-last
+      const int64_t n = std::min<int64_t>(16, c1 - col);
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+      const int64_t at = (r - d.pad_top) * d.width + col - d.pad_left;
+      for (int64_t c = 0; c < 16; ++c) v[c] = c < count ? _mm512_maskz_loadu_ps(m, x + c * in_plane + at) : _mm512_setzero_ps();
+      Transpose16x16(v);
+      for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(xin + (r * pw + col + j) * 16, v[j]);
     }
   }
   const __mmask16 live = static_cast<__mmask16>(count >= 16 ? 0xFFFFu : (1u << count) - 1u);
@@ -700,13 +732,18 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
       }
     }
   }
-  for (int64_t c = 0; c < count; ++c) {
-    float* yc = y + c * out_plane;
-    const float* zc = z ? z + c * out_plane : nullptr;
-    if (zc) {
-      for (int64_t p = 0; p < out_plane; ++p) yc[p] = act.Apply(out[p * 16 + c] + zc[p]);
-    } else {
-      for (int64_t p = 0; p < out_plane; ++p) yc[p] = act.Apply(out[p * 16 + c]);
+  const __m512 lo = _mm512_set1_ps(act.lo), hi = _mm512_set1_ps(act.hi);
+  for (int64_t p = 0; p < out_plane; p += 16) {
+    // 16 positions of 16 channels, transposed back to planes
+    const int64_t n = std::min<int64_t>(16, out_plane - p);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    for (int64_t j = 0; j < 16; ++j) v[j] = j < n ? _mm512_loadu_ps(out + (p + j) * 16) : _mm512_setzero_ps();
+    Transpose16x16(v);
+    for (int64_t c = 0; c < count; ++c) {
+      __m512 o = v[c];
+      if (z) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(m, z + c * out_plane + p));
+      if (act.clamp) o = _mm512_min_ps(hi, _mm512_max_ps(lo, o));
+      _mm512_mask_storeu_ps(y + c * out_plane + p, m, o);
     }
   }
 }
@@ -766,25 +803,28 @@ AVX512_TARGET void PixelKernelDispatch(int64_t r, int64_t kc, const float* b, co
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // C(i0 + j, col) = act(acc[(col - col0) * 32 + j] + bias + add) for j < rows and col in
-// [col0, col1): 16 columns of one image at a time, read across the scratch with gathers.
+// [col0, col1): 16 columns of one image by 16 channels at a time, transposed in registers.
 AVX512_TARGET void StorePixelBlock(const PixelGemmSpec& s, const float* acc, int64_t i0, int64_t rows, int64_t col0,
                                    int64_t col1) {
-  const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(32));
   const __m512 lo = _mm512_set1_ps(s.act.lo), hi = _mm512_set1_ps(s.act.hi);
+  __m512 v[16];
   for (int64_t col = col0; col < col1;) {
     const int64_t within = col % s.col_div;
     const int64_t n = std::min<int64_t>({16, col1 - col, s.col_div - within});
     const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
     const int64_t at = (col / s.col_div) * s.col_outer + within;
     const float* src = acc + (col - col0) * 32;
-    for (int64_t j = 0; j < rows; ++j) {
-      __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j))), src, 4);
-      if (s.bias) v = _mm512_add_ps(v, _mm512_set1_ps(s.bias[i0 + j]));
-      const int64_t out = (i0 + j) * s.row_stride + at;
-      if (s.add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, s.add + out));
-      if (s.act.clamp) v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-      _mm512_mask_storeu_ps(s.c + out, mask, v);
+    for (int64_t half = 0; half < rows; half += 16) {
+      for (int64_t i = 0; i < 16; ++i) v[i] = i < n ? _mm512_loadu_ps(src + i * 32 + half) : _mm512_setzero_ps();
+      Transpose16x16(v);  // v[j]: the n columns of channel i0 + half + j
+      for (int64_t j = 0; j < std::min<int64_t>(16, rows - half); ++j) {
+        __m512 o = v[j];
+        if (s.bias) o = _mm512_add_ps(o, _mm512_set1_ps(s.bias[i0 + half + j]));
+        const int64_t out = (i0 + half + j) * s.row_stride + at;
+        if (s.add) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, s.add + out));
+        if (s.act.clamp) o = _mm512_min_ps(hi, _mm512_max_ps(lo, o));
+        _mm512_mask_storeu_ps(s.c + out, mask, o);
+      }
     }
     col += n;
   }
