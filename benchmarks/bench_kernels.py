@@ -23,6 +23,7 @@ had after importing onnxruntime (VmHWM from /proc: ru_maxrss would start at the
 parent's peak, as Linux carries it across execve).  Prints a markdown table and writes
 benchmarks/results/kernels.md.
 
+    pip install '.[bench]'   # onnx_ir, which onnxruntime's MatMulNBitsQuantizer imports
     python benchmarks/bench_kernels.py [--models resnet50,mobile,fc,digits_cnn,effnet_lite0] [--repeats 10]
 """
 

@@ -5,9 +5,13 @@
 // images, Y_g[M_g, Q] = W_g[M_g, K_g] * col_g[K_g, Q], with the weight rows decoded on the
 // fly and the im2col matrix never built: every row of it is a shifted view of a
 // zero-padded, stride-phase-split copy of the images, which the GEMM reads in place
-// (see PhaseConv).  Very few columns (N*P <= 16) run as weight rows against im2col
-// columns.  Convolutions with one input channel per group (depthwise) run directly,
-// plane by plane, or 16 channels at a time for small planes.
+// (see PhaseConv).  The GEMM is either blocked over weight rows x strips of 32 grid
+// columns, or, for small planes where those strips would be mostly padding (7x7:
+// 49 pixels in 64 columns), pixel-major: runs of output pixels broadcast against
+// 32 output channels in the vector lanes (AVX-512; PreferPixelGemm counts the
+// multiply-adds of both).  Very few columns (N*P <= 16) run as weight rows against
+// im2col columns.  Convolutions with one input channel per group (depthwise) run
+// directly, plane by plane, or 16 channels at a time for planes up to 1024 pixels.
 //
 // The epilogue (bias, residual Z, Relu / Clip) is applied where each output element
 // is written for the last time.
