@@ -353,7 +353,7 @@ AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b,
   for (int64_t k = 0; k < kc; ++k) {
     const float* bk = kDirect ? b + boff[k] : b + k * kNR;
     if constexpr (kDirect) {
-      // B rows are scattered over the phase buffer: fetch a row kPrefetch steps ahead
+      // B rows are scattered over the phase buffer: fetch the row kPrefetchRows steps ahead
       // (its 128 bytes span up to three cache lines).
       const float* ahead = b + boff[std::min(k + kPrefetchRows, kc - 1)];
       _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
