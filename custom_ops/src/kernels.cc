@@ -57,6 +57,16 @@ bool DetectAvx512() {
 
 const bool g_avx512 = DetectAvx512();
 
+// ONNX_CODEBOOK_PIXEL_GEMM=0 keeps every convolution off the pixel-major GEMM, =1 sends
+// every one it can take there (for testing both); read once, like the flags above.
+const bool g_pixel_gemm = g_avx512 && !EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "0");
+const bool g_force_pixel_gemm = g_pixel_gemm && EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "1");
+
+// Tasks a parallel loop should offer: the machine's threads, within [1, 64].
+int64_t PoolWorkers() {
+  return std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
+}
+
 // Thread-local scratch, grown on demand and reused across calls.
 float* Scratch(std::vector<float>& buf, size_t n) {
   if (buf.size() < n) buf.resize(n);
@@ -1001,7 +1011,7 @@ namespace {
 // every M tile its B columns).
 // pack_b_cost: cycles per packed element of B (s.pack_b_cost, or 0 when B is read in place).
 void ChooseTiles(const GemmSpec& s, double pack_b_cost, int64_t* bm_out, int64_t* bn_out) {
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
+  const int64_t workers = PoolWorkers();
   const int64_t max_bm = std::max<int64_t>(kMR, s.block_m / kMR * kMR);
   const int64_t max_bn = std::max<int64_t>(kNR, s.block_n / kNR * kNR);
   const int64_t max_tm = (s.M + kMR - 1) / kMR, max_tn = (s.N + kNR - 1) / kNR;
@@ -1140,8 +1150,8 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
   });
 }
 
-bool HasPixelGemm() { return g_avx512 && !EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "0"); }
-bool ForcePixelGemm() { return HasPixelGemm() && EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "1"); }
+bool HasPixelGemm() { return g_pixel_gemm; }
+bool ForcePixelGemm() { return g_force_pixel_gemm; }
 
 void RunPixelGemm(const PixelGemmSpec& s, const OrtKernelContext* ctx) {
 #if ONNX_CODEBOOK_X86
@@ -1149,7 +1159,7 @@ void RunPixelGemm(const PixelGemmSpec& s, const OrtKernelContext* ctx) {
   if (s.M <= 0 || s.num_tiles <= 0) return;
   // Tasks: blocks of 32 output channels, times parts of the tile list when there are
   // too few blocks for the pool (each part decodes the block's weights again).
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
+  const int64_t workers = PoolWorkers();
   const int64_t blocks = (s.M + 31) / 32;
   const int64_t parts = std::clamp<int64_t>((2 * workers + blocks - 1) / blocks, 1, s.num_tiles);
   ParallelFor(ctx, blocks * parts, [&](int64_t task) {
