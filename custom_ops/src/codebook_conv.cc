@@ -69,21 +69,28 @@ void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, 
                                            g.pad_left, g.out_h, g.out_w);
   if (HasDepthwiseChannels() && g.cout_per_group == 1 && out_plane <= kSmallPlane) {
     // Small planes: 16 channels at a time, vectorised across channels.
-    const int64_t blocks_per_image = (g.out_channels + 15) / 16;
+    // Work units are (channel block, image), block-major, so that a task decodes each
+    // block's taps once for its run of images.
+    const int64_t blocks = (g.out_channels + 15) / 16;
     const int64_t ntaps = g.kh * g.kw;
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, g.batch * blocks_per_image / 4));
-    const int64_t total = g.batch * blocks_per_image, tasks = (total + chunk - 1) / chunk;
+    const int64_t total = g.batch * blocks;
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, total / 4));
+    const int64_t tasks = (total + chunk - 1) / chunk;
     ParallelFor(ctx, tasks, [&](int64_t task) {
       thread_local std::vector<float> rows, taps16;
       if (rows.size() < static_cast<size_t>(w.cols_padded)) rows.resize(static_cast<size_t>(w.cols_padded));
       if (taps16.size() < static_cast<size_t>(ntaps * 16)) taps16.resize(static_cast<size_t>(ntaps * 16));
-      for (int64_t b = task * chunk; b < std::min(total, (task + 1) * chunk); ++b) {
-        const int64_t n = b / blocks_per_image, c0 = (b % blocks_per_image) * 16;
+      int64_t decoded = -1;
+      for (int64_t u = task * chunk; u < std::min(total, (task + 1) * chunk); ++u) {
+        const int64_t block = u / g.batch, n = u % g.batch, c0 = block * 16;
         const int64_t count = std::min<int64_t>(16, g.out_channels - c0);
-        std::fill(taps16.begin(), taps16.end(), 0.f);
-        for (int64_t c = 0; c < count; ++c) {
-          DecodeRow(w, c0 + c, 0, w.cols, rows.data());
-          for (int64_t t = 0; t < ntaps; ++t) taps16[t * 16 + c] = rows[t];
+        if (block != decoded) {
+          std::fill(taps16.begin(), taps16.end(), 0.f);
+          for (int64_t c = 0; c < count; ++c) {
+            DecodeRow(w, c0 + c, 0, w.cols, rows.data());
+            for (int64_t t = 0; t < ntaps; ++t) taps16[t * 16 + c] = rows[t];
+          }
+          decoded = block;
         }
         const int64_t out = (n * g.out_channels + c0) * out_plane;
         DepthwiseChannels(plan, count, x + (n * g.channels + c0) * in_plane, in_plane, taps16.data(),
@@ -306,8 +313,12 @@ bool PreferPixelGemm(const PhaseConv& pc, int64_t count) {
 void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
                    const Epilogue& act, float* y, const OrtKernelContext* ctx) {
   const int64_t P = g.out_h * g.out_w;
-  const int64_t per_image = g.out_channels * PhaseConv(g, 1).image;
-  const int64_t images = std::clamp<int64_t>(kGridFloats / std::max<int64_t>(1, per_image), 1, g.batch);
+  const PhaseConv one(g, 1);
+  const int64_t per_image = g.out_channels * one.image;
+  // A 1x1 convolution that reads its input in place runs image by image: copying the
+  // batch into a phase buffer measured slower than decoding the weights per image.
+  const int64_t images =
+      one.in_place ? 1 : std::clamp<int64_t>(kGridFloats / std::max<int64_t>(1, per_image), 1, g.batch);
   const PhaseConv pc(g, images);
   const bool pixel_major = PreferPixelGemm(pc, images);
   std::unique_ptr<CallBuffer> buf, grid;

@@ -1,6 +1,7 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -10,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "unpack.h"
@@ -692,6 +694,52 @@ AVX512_TARGET inline void DepthwisePositions(const float* taps, int64_t ntaps, c
   for (int q = 0; q < Q; ++q) _mm512_storeu_ps(dst + q * 16, acc[q]);
 }
 
+// Q consecutive output positions of a row of 16 channels, for kernels KW wide with
+// column stride S and no column dilation: each input row of the window is loaded
+// once into registers ((Q - 1) * S + KW vectors) and reused by every tap of that row,
+// instead of one load per tap and position.  Row i of the window starts at
+// base + i * row_step; taps[(i * KW + j) * 16 + c]; dst[q * 16 + c].
+template <int Q, int KW, int S>
+AVX512_TARGET void DepthwiseRow(const float* taps, int64_t kh, int64_t row_step, const float* base, __m512 vb,
+                                float* dst) {
+  constexpr int kIn = (Q - 1) * S + KW;
+  __m512 acc[Q];
+  for (int q = 0; q < Q; ++q) acc[q] = vb;
+  for (int64_t i = 0; i < kh; ++i, base += row_step, taps += KW * 16) {
+    __m512 in[kIn];
+    for (int p = 0; p < kIn; ++p) in[p] = _mm512_loadu_ps(base + p * 16);
+    for (int j = 0; j < KW; ++j) {
+      const __m512 wt = _mm512_loadu_ps(taps + j * 16);
+      for (int q = 0; q < Q; ++q) acc[q] = _mm512_fmadd_ps(wt, in[q * S + j], acc[q]);
+    }
+  }
+  for (int q = 0; q < Q; ++q) _mm512_storeu_ps(dst + q * 16, acc[q]);
+}
+
+using DepthwiseRowFn = void (*)(const float*, int64_t, int64_t, const float*, __m512, float*);
+
+template <int KW, int S, int... Q>
+constexpr std::array<DepthwiseRowFn, sizeof...(Q)> DepthwiseRowTable(std::integer_sequence<int, Q...>) {
+  return {&DepthwiseRow<Q + 1, KW, S>...};
+}
+
+// Row kernels for Q = 1..kRowPositions, or null where there is none (kernel width
+// other than 3, 5, 7; column stride other than 1, 2; column dilation).
+constexpr int kRowPositions = 8;
+const DepthwiseRowFn* DepthwiseRowKernels(int64_t kw, int64_t sw, int64_t dw) {
+  using Qs = std::make_integer_sequence<int, kRowPositions>;
+  static const auto k3s1 = DepthwiseRowTable<3, 1>(Qs{}), k5s1 = DepthwiseRowTable<5, 1>(Qs{}),
+                    k7s1 = DepthwiseRowTable<7, 1>(Qs{}), k3s2 = DepthwiseRowTable<3, 2>(Qs{}),
+                    k5s2 = DepthwiseRowTable<5, 2>(Qs{}), k7s2 = DepthwiseRowTable<7, 2>(Qs{});
+  if (dw != 1 || (sw != 1 && sw != 2)) return nullptr;
+  switch (kw) {
+    case 3: return (sw == 1 ? k3s1 : k3s2).data();
+    case 5: return (sw == 1 ? k5s1 : k5s2).data();
+    case 7: return (sw == 1 ? k7s1 : k7s2).data();
+    default: return nullptr;
+  }
+}
+
 AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count, const float* x, int64_t in_plane,
                                            const float* taps, const float* bias, const float* z,
                                            const Epilogue& act, float* y, int64_t out_plane) {
@@ -704,19 +752,41 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
   if (out_buf.size() < static_cast<size_t>(out_plane * 16)) out_buf.resize(static_cast<size_t>(out_plane * 16));
   float* xin = buf.data();
   float* out = out_buf.data();
-  std::memset(xin, 0, static_cast<size_t>(ph * pw * 16) * sizeof(float));
   const int64_t r0 = std::max<int64_t>(0, d.pad_top), r1 = std::min(ph, d.height + d.pad_top);
   const int64_t c0 = std::max<int64_t>(0, d.pad_left), c1 = std::min(pw, d.width + d.pad_left);
+  // Only the padding is zeroed (the input fills rows [r0, r1) x columns [c0, c1)),
+  // and only when the previous call on this thread left another layout in the buffer.
+  const __m512 zero = _mm512_setzero_ps();
+  thread_local std::array<int64_t, 7> zeroed{};
+  const std::array<int64_t, 7> layout{reinterpret_cast<int64_t>(xin), ph, pw, r0, r1, c0, c1};
+  const bool stale = zeroed != layout;
+  zeroed = layout;
+  for (int64_t r = 0; r < ph && stale; ++r) {
+    float* row = xin + r * pw * 16;
+    const bool inside = r >= r0 && r < r1;
+    for (int64_t col = 0; col < pw; ++col) {
+      if (inside && col == c0) col = std::max(c0, c1);
+      if (col < pw) _mm512_storeu_ps(row + col * 16, zero);
+    }
+  }
+  // 16 input pixels of the 16 channel planes at a time (flat over the plane, so a
+  // 7-pixel row does not cost a whole transpose), transposed to channels-last.
   __m512 v[16];
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t col = c0; col < c1; col += 16) {
-      // 16 columns of 16 channel rows, transposed to channels-last
-      const int64_t n = std::min<int64_t>(16, c1 - col);
-      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
-      const int64_t at = (r - d.pad_top) * d.width + col - d.pad_left;
-      for (int64_t c = 0; c < 16; ++c) v[c] = c < count ? _mm512_maskz_loadu_ps(m, x + c * in_plane + at) : _mm512_setzero_ps();
-      Transpose16x16(v);
-      for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(xin + (r * pw + col + j) * 16, v[j]);
+  int64_t ih = 0, iw = 0;
+  for (int64_t p = 0; p < in_plane; p += 16) {
+    const int64_t n = std::min<int64_t>(16, in_plane - p);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    // masked loads do not fault, so the lanes of channels past count read nothing
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; ++c) v[c] = _mm512_maskz_loadu_ps(c < count ? m : 0, x + c * in_plane + p);
+    Transpose16x16(v);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t r = ih + d.pad_top, col = iw + d.pad_left;
+      if (r < r1 && col < c1) _mm512_storeu_ps(xin + (r * pw + col) * 16, v[j]);
+      if (++iw == d.width) {
+        iw = 0;
+        ++ih;
+      }
     }
   }
   const __mmask16 live = static_cast<__mmask16>(count >= 16 ? 0xFFFFu : (1u << count) - 1u);
@@ -727,10 +797,19 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
   tap_at.resize(static_cast<size_t>(ntaps));
   for (int64_t i = 0; i < d.kh; ++i)
     for (int64_t j = 0; j < d.kw; ++j) tap_at[i * d.kw + j] = (i * d.dh * pw + j * d.dw) * 16;
-  // Up to four output positions of a row at a time: independent accumulation chains
-  // that share each tap's weights.
   const int64_t step = d.sw * 16;
-  for (int64_t oh = 0; oh < d.out_h; ++oh) {
+  if (const DepthwiseRowFn* rows = DepthwiseRowKernels(d.kw, d.sw, d.dw)) {
+    for (int64_t oh = 0; oh < d.out_h; ++oh) {
+      for (int64_t ow = 0; ow < d.out_w; ow += kRowPositions) {
+        const int64_t q = std::min<int64_t>(kRowPositions, d.out_w - ow);
+        rows[q - 1](taps, d.kh, d.dh * pw * 16, xin + (oh * d.sh * pw + ow * d.sw) * 16, vb,
+                    out + (oh * d.out_w + ow) * 16);
+      }
+    }
+  }
+  // Otherwise up to four output positions of a row at a time: independent accumulation
+  // chains that share each tap's weights.
+  for (int64_t oh = 0; oh < d.out_h && DepthwiseRowKernels(d.kw, d.sw, d.dw) == nullptr; ++oh) {
     for (int64_t ow = 0; ow < d.out_w; ow += 4) {
       const float* base = xin + (oh * d.sh * pw + ow * d.sw) * 16;
       float* dst = out + (oh * d.out_w + ow) * 16;
@@ -747,13 +826,16 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
     // 16 positions of 16 channels, transposed back to planes
     const int64_t n = std::min<int64_t>(16, out_plane - p);
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
-    for (int64_t j = 0; j < 16; ++j) v[j] = j < n ? _mm512_loadu_ps(out + (p + j) * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) v[j] = _mm512_maskz_loadu_ps(j < n ? 0xFFFF : 0, out + (p + j) * 16);
     Transpose16x16(v);
-    for (int64_t c = 0; c < count; ++c) {
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; ++c) {
+      const __mmask16 mc = c < count ? m : 0;
       __m512 o = v[c];
-      if (z) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(m, z + c * out_plane + p));
+      if (z) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mc, z + c * out_plane + p));
       if (act.clamp) o = _mm512_min_ps(hi, _mm512_max_ps(lo, o));
-      _mm512_mask_storeu_ps(y + c * out_plane + p, m, o);
+      _mm512_mask_storeu_ps(y + c * out_plane + p, mc, o);
     }
   }
 }
@@ -1061,6 +1143,9 @@ void PackDirectStrips(const GemmSpec& s, int64_t j0, int64_t nj, int64_t k0, int
 
 }  // namespace
 
+// B floats a panel sweeps per visit (see RunGemm).
+constexpr int64_t kStripGroupFloats = 4096;
+
 void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
   if (s.M <= 0 || s.N <= 0) return;
   // Direct B is read in place by the AVX-512 kernel when C is written by it too,
@@ -1093,57 +1178,67 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
       } else if (!direct) {
         PackDirectStrips(s, j0, nj, k0, kc, b);
       }
-      for (int64_t q = 0; q < strips; ++q) {
+      // Micro-tile (panel p, strip q); returns how many panels it covered (a pair: 2).
+      auto micro_tile = [&](int64_t p, int64_t q) -> int64_t {
         const int64_t nr = std::min(kNR, nj - q * kNR);
         const int64_t jc = j0 + q * kNR;
-        for (int64_t p = 0; p < panels; ++p) {
-          int64_t mr = std::min(kMR, mi - p * kMR);
+        int64_t mr = std::min(kMR, mi - p * kMR);
 #if ONNX_CODEBOOK_X86
-          const int64_t jr = jc % s.col_div;
-          const bool whole = mr == kMR && nr == kNR && jr + kNR <= s.col_div;
-          if (direct || (g_avx2 && whole) || (g_avx512 && s.col_div >= kNR)) {
-            const bool pair = g_avx512 && p + 1 < panels;  // two panels, 12 rows, in one call
-            if (pair) mr = std::min(2 * kMR, mi - p * kMR);
-            float* c = s.c + (i0 + p * kMR) * s.row_stride + (jc / s.col_div) * s.col_outer + jr;
-            TileStore st;
-            st.mr = mr;
-            st.nr = nr;
-            st.split = std::min(kNR, s.col_div - jr);
-            st.jump = st.split < nr ? s.col_outer - s.col_div : 0;  // no far columns: no far address
-            st.c = c;
-            st.ldc = s.row_stride;
-            st.alpha = s.alpha;
-            st.first = s.init_c && k0 == 0;
-            st.bias = s.row_bias ? s.row_bias + i0 + p * kMR : nullptr;
-            st.add = st.first && s.add ? s.add + (c - s.c) : nullptr;
-            st.last = last;
-            st.act = &s.act;
-            if (direct) {
-              const bool tail = nr < kNR;  // a partial strip is packed: the kernel reads whole strips
-              if (tail && p == 0) PackDirectStrips(s, jc, nr, k0, kc, b);
-              const float* ap = a + p * kMR * kKC;  // weight rows
-              const int64_t* off = s.b_offsets + k0;
-              if (pair) ++p;
-              if (tail) {
-                pair ? MicroKernelAvx512<12, false, true>(kc, ap, b, nullptr, st)
-                     : MicroKernelAvx512<6, false, true>(kc, ap, b, nullptr, st);
-              } else {
-                pair ? MicroKernelAvx512<12, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off)
-                     : MicroKernelAvx512<6, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off);
-              }
-            } else if (pair) {
-              MicroKernelAvx512<12>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
-              ++p;
-            } else if (g_avx512) {
-              MicroKernelAvx512<6>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
+        const int64_t jr = jc % s.col_div;
+        const bool whole = mr == kMR && nr == kNR && jr + kNR <= s.col_div;
+        if (direct || (g_avx2 && whole) || (g_avx512 && s.col_div >= kNR)) {
+          const bool pair = g_avx512 && p + 1 < panels;  // two panels, 12 rows, in one call
+          if (pair) mr = std::min(2 * kMR, mi - p * kMR);
+          float* c = s.c + (i0 + p * kMR) * s.row_stride + (jc / s.col_div) * s.col_outer + jr;
+          TileStore st;
+          st.mr = mr;
+          st.nr = nr;
+          st.split = std::min(kNR, s.col_div - jr);
+          st.jump = st.split < nr ? s.col_outer - s.col_div : 0;  // no far columns: no far address
+          st.c = c;
+          st.ldc = s.row_stride;
+          st.alpha = s.alpha;
+          st.first = s.init_c && k0 == 0;
+          st.bias = s.row_bias ? s.row_bias + i0 + p * kMR : nullptr;
+          st.add = st.first && s.add ? s.add + (c - s.c) : nullptr;
+          st.last = last;
+          st.act = &s.act;
+          if (direct) {
+            const bool tail = nr < kNR;  // a partial strip is packed: the kernel reads whole strips
+            if (tail && p == 0) PackDirectStrips(s, jc, nr, k0, kc, b);
+            const float* ap = a + p * kMR * kKC;  // weight rows
+            const int64_t* off = s.b_offsets + k0;
+            if (tail) {
+              pair ? MicroKernelAvx512<12, false, true>(kc, ap, b, nullptr, st)
+                   : MicroKernelAvx512<6, false, true>(kc, ap, b, nullptr, st);
             } else {
-              MicroKernelAvx2Full(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
+              pair ? MicroKernelAvx512<12, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off)
+                   : MicroKernelAvx512<6, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off);
             }
-            continue;
+          } else if (pair) {
+            MicroKernelAvx512<12>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
+          } else if (g_avx512) {
+            MicroKernelAvx512<6>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
+          } else {
+            MicroKernelAvx2Full(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
           }
+          return pair ? 2 : 1;
+        }
 #endif
-          MicroKernel(kc, a + p * kMR * kc, b + q * kNR * kc, kNR, tile);
-          StoreTile(s, tile, i0 + p * kMR, mr, jc, nr, k0 == 0, last);
+        MicroKernel(kc, a + p * kMR * kc, b + q * kNR * kc, kNR, tile);
+        StoreTile(s, tile, i0 + p * kMR, mr, jc, nr, k0 == 0, last);
+        return 1;
+      };
+      // Each panel visits a group of strips in turn: with a short reduction block the
+      // group's B stays in L1 and the panel writes longer runs of each C row (fewer
+      // pages and cache lines in flight); with a long block the group is one strip.
+      const int64_t group = std::clamp<int64_t>(kStripGroupFloats / (kc * kNR), 1, strips);
+      for (int64_t q0 = 0; q0 < strips; q0 += group) {
+        const int64_t q1 = std::min(strips, q0 + group);
+        for (int64_t p = 0; p < panels;) {
+          int64_t covered = 1;
+          for (int64_t q = q0; q < q1; ++q) covered = micro_tile(p, q);
+          p += covered;
         }
       }
     }
