@@ -198,15 +198,23 @@ def test_conv_depthwise(seed):
 
 
 @pytest.mark.parametrize("size, stride", [(7, 1), (13, 2), (20, 1)])
-@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("k", [3, 5, 7])
 def test_conv_depthwise_many_channels(size, stride, k):
     # 40 channels: blocks of 16 channel planes (small planes) with a partial last block
     rng = np.random.default_rng(size * k)
     conv_case(rng, batch=2, cin=40, cout=40, group=40, kernel=[k, k], stride=[stride, stride], dilation=[1, 1],
               pads=[k // 2] * 4, auto_pad="NOTSET", bits=4, group_size=1, bias=True, activation="Clip",
-              bounds=(-0.5, 0.5), residual=True, threads=2)
+              bounds=(-0.5, 0.5), residual=True, threads=2, size=[size, size])
     conv_case(rng, batch=1, cin=40, cout=40, group=40, kernel=[k, k], stride=[stride, stride], dilation=[2, 1],
-              pads=[1, 0, 2, 1], auto_pad="NOTSET", bits=3, group_size=3, bias=False, threads=1)
+              pads=[1, 0, 2, 1], auto_pad="NOTSET", bits=3, group_size=3, bias=False, threads=1,
+              size=[size + 2 * k, size])
+    # rectangular windows, mixed strides: the row kernels (column stride 1 or 2, no
+    # column dilation) and the generic loop (column dilation 2) on the same thread
+    conv_case(rng, batch=3, cin=20, cout=20, group=20, kernel=[k, 3], stride=[stride, 3 - stride],
+              dilation=[1, 1], pads=[0, 1, 2, 1], auto_pad="NOTSET", bits=4, group_size=1, bias=True, threads=1,
+              size=[size + k, size + 1])
+    conv_case(rng, batch=2, cin=20, cout=20, group=20, kernel=[3, k], stride=[1, stride], dilation=[1, 2],
+              pads=[1, k, 1, k], auto_pad="NOTSET", bits=2, group_size=1, bias=True, threads=1, size=[size, size])
 
 
 @pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
