@@ -273,6 +273,23 @@ def test_conv_small_planes_many_channels(size, kernel, stride, pads, batch, grou
               activation="Relu", residual=True, threads=threads, size=size)
 
 
+@pytest.mark.parametrize(
+    "size, kernel, stride, pads, batch, group, bits",
+    [([4, 4], [3, 3], [1, 1], [1] * 4, 1, 1, 4), ([2, 2], [3, 3], [1, 1], [1] * 4, 3, 1, 2),
+     ([5, 3], [3, 1], [2, 1], [1, 0, 0, 0], 2, 2, 3), ([3, 3], [2, 2], [1, 1], [0] * 4, 4, 1, 7)],
+)
+def test_conv_few_columns(size, kernel, stride, pads, batch, group, bits):
+    # At most 16 output columns over the whole batch (the digits model's 4x4 layer):
+    # an explicit im2col across images, pixel-major with AVX-512 (tiles of up to 12
+    # columns that cross output rows and images), else rows of the weight against
+    # blocks of 8 columns.  70 output channels: a partial block of 32; 300 inputs per
+    # group of 3x3: several 256-deep reduction blocks.
+    conv_case(np.random.default_rng(sum(size) * batch + bits), batch=batch, cin=group * 300 // kernel[1],
+              cout=70 * group, group=group, kernel=kernel, stride=stride, dilation=[1, 1], pads=pads,
+              auto_pad="NOTSET", bits=bits, group_size=1, bias=True, activation="Clip", residual=True,
+              threads=2, size=size)
+
+
 def test_conv_pointwise_image_by_image():
     # 64 x 66 x 66 outputs per image exceed the 2^18-float grid: a 1x1 convolution then
     # reads each image of the batch in place, one GEMM per image.
@@ -318,15 +335,6 @@ def test_conv_epilogue_large(activation, kernel):
     conv_case(np.random.default_rng(kernel), batch=2, cin=300, cout=40, group=1, kernel=[kernel, kernel],
               stride=[1, 1], dilation=[1, 1], pads=[kernel // 2] * 4, auto_pad="NOTSET", bits=4, group_size=1,
               bias=True, activation=activation, bounds=(-0.25, 0.5), residual=True, threads=2)
-
-
-@pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_conv_few_columns(group, batch):
-    # batch * out_h * out_w <= 16 takes the row-times-columns path
-    conv_case(np.random.default_rng(group + batch), batch=batch, cin=64 * group, cout=70 * group, group=group,
-              kernel=[3, 3], stride=[2, 2], dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=4,
-              group_size=1, bias=True, activation="Clip", bounds=(-0.5, 0.5), residual=True, threads=2)
 
 
 def fused_conv_model(attrs, x_shape, residual_shape=None):

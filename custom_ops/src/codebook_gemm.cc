@@ -44,14 +44,17 @@ void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans
   constexpr int64_t kSmallM = 8;
   if (M <= kSmallM) {
     // Few rows: decode each weight row once and reduce it against all rows of A.
-    std::vector<float> padded(static_cast<size_t>(M * w.cols_padded), 0.f);
+    // Rows 16 floats longer than the padded weight rows: power-of-two strides would put
+    // the same column of every row into one L1 set.
+    const int64_t lda = w.cols_padded + 16;
+    std::vector<float> padded(static_cast<size_t>(M * lda), 0.f);
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) padded[m * w.cols_padded + k] = trans_a ? a[k * M + m] : a[m * K + k];
+      for (int64_t k = 0; k < K; ++k) padded[m * lda + k] = trans_a ? a[k * M + m] : a[m * K + k];
     const int64_t block = std::max<int64_t>(16, std::min<int64_t>(256, (N + 7) / 8));
     const int64_t tasks = (N + block - 1) / block;
     ParallelFor(ctx, tasks, [&](int64_t t) {
       const int64_t r0 = t * block, r1 = std::min(N, r0 + block);
-      RowsTimesWeight(w, padded.data(), w.cols_padded, M, r0, r1, alpha, y, N, 1, act);
+      RowsTimesWeight(w, padded.data(), lda, M, r0, r1, alpha, y, N, 1, act);
     });
     return;
   }

@@ -700,11 +700,11 @@ AVX512_TARGET inline void DepthwisePositions(const float* taps, int64_t ntaps, c
 // instead of one load per tap and position.  Row i of the window starts at
 // base + i * row_step; taps[(i * KW + j) * 16 + c]; dst[q * 16 + c].
 template <int Q, int KW, int S>
-AVX512_TARGET void DepthwiseRow(const float* taps, int64_t kh, int64_t row_step, const float* base, __m512 vb,
-                                float* dst) {
+AVX512_TARGET void DepthwiseRow(const float* taps, int64_t kh, int64_t row_step, const float* base,
+                                const float* bias16, float* dst) {
   constexpr int kIn = (Q - 1) * S + KW;
   __m512 acc[Q];
-  for (int q = 0; q < Q; ++q) acc[q] = vb;
+  for (int q = 0; q < Q; ++q) acc[q] = _mm512_loadu_ps(bias16);
   for (int64_t i = 0; i < kh; ++i, base += row_step, taps += KW * 16) {
     __m512 in[kIn];
     for (int p = 0; p < kIn; ++p) in[p] = _mm512_loadu_ps(base + p * 16);
@@ -716,7 +716,7 @@ AVX512_TARGET void DepthwiseRow(const float* taps, int64_t kh, int64_t row_step,
   for (int q = 0; q < Q; ++q) _mm512_storeu_ps(dst + q * 16, acc[q]);
 }
 
-using DepthwiseRowFn = void (*)(const float*, int64_t, int64_t, const float*, __m512, float*);
+using DepthwiseRowFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, float*);
 
 template <int KW, int S, int... Q>
 constexpr std::array<DepthwiseRowFn, sizeof...(Q)> DepthwiseRowTable(std::integer_sequence<int, Q...>) {
@@ -791,6 +791,8 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
   }
   const __mmask16 live = static_cast<__mmask16>(count >= 16 ? 0xFFFFu : (1u << count) - 1u);
   const __m512 vb = bias ? _mm512_maskz_loadu_ps(live, bias) : _mm512_setzero_ps();
+  alignas(64) float bias16[16];
+  _mm512_store_ps(bias16, vb);
   // per tap: its offset in xin from the window's corner, and its 16 channel weights
   const int64_t ntaps = d.kh * d.kw;
   thread_local std::vector<int64_t> tap_at;
@@ -802,7 +804,7 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
     for (int64_t oh = 0; oh < d.out_h; ++oh) {
       for (int64_t ow = 0; ow < d.out_w; ow += kRowPositions) {
         const int64_t q = std::min<int64_t>(kRowPositions, d.out_w - ow);
-        rows[q - 1](taps, d.kh, d.dh * pw * 16, xin + (oh * d.sh * pw + ow * d.sw) * 16, vb,
+        rows[q - 1](taps, d.kh, d.dh * pw * 16, xin + (oh * d.sh * pw + ow * d.sw) * 16, bias16,
                     out + (oh * d.out_w + ow) * 16);
       }
     }
@@ -841,6 +843,126 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
 }
 #pragma GCC diagnostic pop
 
+
+// ------------------------------------------ AVX-512 decoding, indices of <= 4 bits
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on AVX-512 intrinsics' pass-through operands
+
+// The row's codebook in one register (entries past lut_stride are zero, not read).
+AVX512_TARGET inline __m512 Lut16(const CodebookWeight& w, int64_t r) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>(w.lut_stride >= 16 ? 0xFFFFu : (1u << w.lut_stride) - 1u),
+                               w.Lut(r));
+}
+
+// Sixteen decoded weights from the two 8-index blocks at p and p + bits.  Reads 8
+// bytes at each (the index buffer ends with 8 spare bytes); the spread indices are
+// < 16, so every one selects a lane of the codebook register.
+AVX512_TARGET inline __m512 Decode16(const uint8_t* p, int64_t bits, uint64_t lane_mask, __m512 lut) {
+  uint64_t a, b;
+  std::memcpy(&a, p, 8);
+  std::memcpy(&b, p + bits, 8);
+  const __m128i bytes = _mm_set_epi64x(static_cast<long long>(_pdep_u64(b, lane_mask)),
+                                       static_cast<long long>(_pdep_u64(a, lane_mask)));
+  return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(bytes), lut);
+}
+
+AVX512_TARGET void DecodeRowAvx512(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, float* out) {
+  const uint8_t* row = w.Row(r) + k0 / 8 * w.bits;
+  const __m512 lut = Lut16(w, r);
+  const uint64_t mask = ByteLaneMask(w.bits);
+  int64_t c = 0;
+  for (; c + 16 <= count; c += 16, row += 2 * w.bits) _mm512_storeu_ps(out + c, Decode16(row, w.bits, mask, lut));
+  // out has room for count rounded up to 8
+  if (c < count) _mm512_mask_storeu_ps(out + c, count - c > 8 ? 0xFFFF : 0x00FF, Decode16(row, w.bits, mask, lut));
+}
+
+// PackWeightPanels for a width that is a multiple of 16: rows decoded 16 at a time
+// and transposed in registers into [k][width] (nothing written past row kc).
+AVX512_TARGET void PackWeightPanelsAvx512(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0,
+                                          int64_t kc, int64_t width, float* dst) {
+  const uint64_t mask = ByteLaneMask(w.bits);
+  __m512 v[16], lut[16];
+  const uint8_t* rows[16];
+  for (int64_t p = 0; p * width < n; ++p) {
+    const int64_t live = std::min(width, n - p * width);
+    float* panel = dst + p * width * kc;
+    for (int64_t half = 0; half < width; half += 16) {
+      const int64_t here = std::clamp<int64_t>(live - half, 0, 16);
+      if (here == 0) {
+        for (int64_t k = 0; k < kc; ++k) _mm512_storeu_ps(panel + k * width + half, _mm512_setzero_ps());
+        continue;
+      }
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t r = row0 + i0 + p * width + half + std::min(i, here - 1);
+        rows[i] = w.Row(r) + k0 / 8 * w.bits;
+        lut[i] = i < here ? Lut16(w, r) : _mm512_setzero_ps();  // rows past n decode to 0
+      }
+      for (int64_t kb = 0; kb < kc; kb += 16) {
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) v[i] = Decode16(rows[i] + kb / 8 * w.bits, w.bits, mask, lut[i]);
+        Transpose16x16(v);  // v[j]: the 16 rows at k = kb + j
+        const int64_t ks = std::min<int64_t>(16, kc - kb);
+        float* out = panel + kb * width + half;
+        for (int64_t j = 0; j < ks; ++j) _mm512_storeu_ps(out + j * width, v[j]);
+      }
+    }
+  }
+}
+
+// RowsTimesWeight with 16 weights per step: M activation rows, U accumulators each.
+template <int M, int U>
+AVX512_TARGET void RowsTimesWeightAvx512(const CodebookWeight& w, const float* a, int64_t lda, int64_t r0, int64_t r1,
+                                         float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
+  const uint64_t mask = ByteLaneMask(w.bits);
+  const int64_t blocks = w.cols_padded / 16;
+  const bool tail = w.cols_padded % 16 != 0;  // a last block of 8
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.Row(r);
+    const __m512 lut = Lut16(w, r);
+    __m512 acc[M][U];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + U <= blocks; b += U) {
+      for (int u = 0; u < U; ++u) {
+        const __m512 wv = Decode16(row + (b + u) * 2 * w.bits, w.bits, mask, lut);
+        for (int m = 0; m < M; ++m)
+          acc[m][u] = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + (b + u) * 16), wv, acc[m][u]);
+      }
+    }
+    for (; b < blocks; ++b) {
+      const __m512 wv = Decode16(row + b * 2 * w.bits, w.bits, mask, lut);
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + b * 16), wv, acc[m][0]);
+    }
+    if (tail) {
+      const __m512 wv = Decode16(row + blocks * 2 * w.bits, w.bits, mask, lut);
+      for (int m = 0; m < M; ++m)
+        acc[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(0x00FF, a + m * lda + blocks * 16), wv, acc[m][0]);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = acc[m][0];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][u]);
+      float& out = y[m * ldy + r * ldr];
+      out = act.Apply(out + alpha * _mm512_reduce_add_ps(sum));
+    }
+  }
+}
+
+void RowsTimesWeightAvx512Dispatch(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0,
+                                   int64_t r1, float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
+  switch (rows_a) {
+    case 1: return RowsTimesWeightAvx512<1, 4>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 2: return RowsTimesWeightAvx512<2, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 3: return RowsTimesWeightAvx512<3, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 4: return RowsTimesWeightAvx512<4, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 5: return RowsTimesWeightAvx512<5, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 6: return RowsTimesWeightAvx512<6, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 7: return RowsTimesWeightAvx512<7, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    default: return RowsTimesWeightAvx512<8, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+  }
+}
+#pragma GCC diagnostic pop
 
 // ------------------------------------------------------- pixel-major GEMM (AVX-512)
 
@@ -977,6 +1099,7 @@ bool UsesAvx512() { return g_avx512; }
 
 void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, float* out) {
 #if ONNX_CODEBOOK_X86
+  if (g_avx512 && w.bits <= 4) return DecodeRowAvx512(w, r, k0, count, out);
   if (g_avx2) {
     switch (KindOf(w)) {
       case LutKind::kPermute8: return DecodeRowAvx2<LutKind::kPermute8>(w, r, k0, count, out);
@@ -991,6 +1114,7 @@ void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, fl
 void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc,
                       int64_t width, float* dst) {
 #if ONNX_CODEBOOK_X86
+  if (g_avx512 && w.bits <= 4 && width % 16 == 0) return PackWeightPanelsAvx512(w, row0, i0, n, k0, kc, width, dst);
   if (g_avx2 && (width == 6 || width % 8 == 0)) {
     switch (KindOf(w)) {
       case LutKind::kPermute8: return PackWeightPanelsAvx2<LutKind::kPermute8>(w, row0, i0, n, k0, kc, width, dst);
@@ -1021,6 +1145,11 @@ void PackWeightRows(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n
 void RowsTimesWeight(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0, int64_t r1,
                      float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
 #if ONNX_CODEBOOK_X86
+  // 16 weights per decode pays off where decoding dominates (one or two rows of A);
+  // with more rows the AVX2 kernel measured faster.
+  if (g_avx512 && w.bits <= 4 && rows_a <= 2) {
+    return RowsTimesWeightAvx512Dispatch(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act);
+  }
   if (g_avx2) {
     switch (KindOf(w)) {
       case LutKind::kPermute8:
