@@ -20,7 +20,7 @@
 #define ONNX_CODEBOOK_X86 1
 #include <immintrin.h>
 #define AVX2_TARGET __attribute__((target("avx2,fma,bmi,bmi2")))
-#define AVX512_TARGET __attribute__((target("avx512f,avx2,fma,bmi,bmi2")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx2,fma,bmi,bmi2,prfchw")))
 #else
 #define ONNX_CODEBOOK_X86 0
 #endif
@@ -344,15 +344,23 @@ AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b,
                                      const int64_t* boff = nullptr) {
   static_assert(kMR == 6 && kNR == 32 && (R == 6 || R == 12), "6 or 12 x 32 tile");
   if (tile == nullptr) {
-    // The epilogue reads and writes C (and Z) rows far apart in memory: start
-    // fetching them now so that they arrive while the loop below computes.
+    // The epilogue reads and writes C (and Z) rows far apart in memory.  Tiles walk
+    // along their rows 32 columns at a time, so fetch the rows of the next tile's
+    // columns now (this tile's were fetched by the previous one), for writing when
+    // this pass overwrites C.
     for (int64_t i = 0; i < std::min<int64_t>(R, st.mr); ++i) {
-      const char* row = reinterpret_cast<const char*>(st.c + i * st.ldc);
-      _mm_prefetch(row, _MM_HINT_T0);
-      _mm_prefetch(row + 64, _MM_HINT_T0);
-      _mm_prefetch(row + 127, _MM_HINT_T0);
+      const char* row = reinterpret_cast<const char*>(st.c + i * st.ldc + kNR);
+      if (st.first) {
+        __builtin_prefetch(row, 1, 3);
+        __builtin_prefetch(row + 64, 1, 3);
+        __builtin_prefetch(row + 127, 1, 3);
+      } else {
+        _mm_prefetch(row, _MM_HINT_T0);
+        _mm_prefetch(row + 64, _MM_HINT_T0);
+        _mm_prefetch(row + 127, _MM_HINT_T0);
+      }
       if (st.first && st.add) {
-        const char* z = reinterpret_cast<const char*>(st.add + i * st.ldc);
+        const char* z = reinterpret_cast<const char*>(st.add + i * st.ldc + kNR);
         _mm_prefetch(z, _MM_HINT_T0);
         _mm_prefetch(z + 64, _MM_HINT_T0);
         _mm_prefetch(z + 127, _MM_HINT_T0);
