@@ -259,14 +259,15 @@ def test_conv_strided_dilated_padded_large(kernel, stride, dilation, pads, threa
     "size, kernel, stride, pads, batch, group, cout",
     [([7, 7], [3, 3], [1, 1], [1] * 4, 1, 1, 80), ([7, 7], [1, 1], [1, 1], [0] * 4, 1, 1, 80),
      ([14, 14], [1, 1], [2, 2], [0] * 4, 2, 1, 80), ([9, 13], [3, 3], [2, 1], [1, 0, 1, 2], 2, 1, 70),
-     ([7, 7], [3, 3], [1, 1], [1] * 4, 2, 2, 128)],
+     ([7, 7], [3, 3], [1, 1], [1] * 4, 2, 2, 128), ([6, 5], [3, 3], [1, 1], [1] * 4, 2, 8, 8 * 40)],
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_conv_small_planes_many_channels(size, kernel, stride, pads, batch, group, cout, threads):
     # Small output planes with many channels, where the blocked GEMM would pad the
     # pixels to strips of 32: with AVX-512 these run pixel-major (pixels broadcast, 32
     # output channels in the vector lanes), 80 / 70 channels leaving a partial block of
-    # 32.  The reduction spans two 256-deep blocks.
+    # 32; 8 groups of 40 run as (group, block) tasks of one parallel loop.  The
+    # reduction spans two 256-deep blocks.
     cin = group * (300 if kernel == [1, 1] else 40)
     conv_case(np.random.default_rng(sum(size) + batch), batch=batch, cin=cin, cout=cout, group=group, kernel=kernel,
               stride=stride, dilation=[1, 1], pads=pads, auto_pad="NOTSET", bits=4, group_size=1, bias=True,

@@ -174,25 +174,27 @@ void FewColumnsConv(const CodebookWeight& w, const ConvGeometry& g, const float*
   }
 }
 
-// The pixel-major GEMM of group `grp` over B(k, column) = b[offsets[k] + column];
-// y and z (may be null) point at the first image of the columns.
-void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, int64_t grp, const float* b, const int64_t* offsets,
-                   const std::vector<PixelTile>& tiles, const float* bias, const float* z, const Epilogue& act,
-                   float* y, const OrtKernelContext* ctx) {
-  const int64_t P = g.out_h * g.out_w, row0 = grp * g.cout_per_group;
+// The pixel-major GEMM of all groups: group g reads B(k, column) at
+// b + g * group_b + offsets[k] + column; y and z (may be null) point at the first
+// image of the columns.
+void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, const float* b, int64_t group_b,
+                   const int64_t* offsets, const std::vector<PixelTile>& tiles, const float* bias, const float* z,
+                   const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+  const int64_t P = g.out_h * g.out_w;
   PixelGemmSpec spec;
   spec.w = &w;
-  spec.row0 = row0;
   spec.M = g.cout_per_group;
   spec.K = w.cols;
+  spec.groups = g.group;
+  spec.group_b = group_b;
   spec.b = b;
   spec.b_offsets = offsets;
   spec.tiles = tiles.data();
   spec.num_tiles = static_cast<int64_t>(tiles.size());
-  spec.bias = bias ? bias + row0 : nullptr;
-  spec.add = z ? z + row0 * P : nullptr;
+  spec.bias = bias;
+  spec.add = z;
   spec.act = act;
-  spec.c = y + row0 * P;
+  spec.c = y;
   spec.row_stride = P;
   spec.col_div = P;
   spec.col_outer = g.out_channels * P;
@@ -205,7 +207,7 @@ void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, int64_t grp, 
 void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias,
                      const float* z, const Epilogue& act, float* y, const OrtKernelContext* ctx) {
   const int64_t P = g.out_h * g.out_w, columns = g.batch * P;
-  CallBuffer cols(ctx, static_cast<size_t>(w.cols * columns));
+  CallBuffer cols(ctx, static_cast<size_t>(g.group * w.cols * columns));  // [group][k][column]
   std::vector<int64_t> offsets(static_cast<size_t>(w.cols));
   for (int64_t k = 0; k < w.cols; ++k) offsets[k] = k * columns;
   std::vector<PixelTile> tiles;
@@ -216,7 +218,7 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
     at += length;
   }
   for (int64_t grp = 0; grp < g.group; ++grp) {
-    float* b = cols.data();
+    float* b = cols.data() + grp * w.cols * columns;
     for (int64_t c = 0; c < g.cin_per_group; ++c) {
       for (int64_t i = 0; i < g.kh; ++i) {
         for (int64_t j = 0; j < g.kw; ++j) {
@@ -236,8 +238,8 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
         }
       }
     }
-    ConvPixelGemm(w, g, grp, b, offsets.data(), tiles, bias, z, act, y, ctx);
   }
+  ConvPixelGemm(w, g, cols.data(), w.cols * columns, offsets.data(), tiles, bias, z, act, y, ctx);
 }
 
 // Implicit-GEMM convolution without im2col.  The batch is copied once, zero-padded
@@ -402,10 +404,8 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
     const float* z_n = z ? z + n0 * g.out_channels * P : nullptr;
     if (pixel_major) {
       const std::vector<PixelTile> tiles = PixelTiles(pc, count);
-      for (int64_t grp = 0; grp < g.group; ++grp) {
-        ConvPixelGemm(w, g, grp, base + grp * g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride),
-                      pc.offsets.data(), tiles, bias, z_n, act, y_n, ctx);
-      }
+      ConvPixelGemm(w, g, base, g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride),
+                    pc.offsets.data(), tiles, bias, z_n, act, y_n, ctx);
       continue;
     }
     if (!pc.grid_is_output && !grid) {

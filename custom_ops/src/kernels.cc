@@ -788,7 +788,9 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
 #pragma GCC unroll 16
     for (int c = 0; c < 16; ++c) v[c] = _mm512_maskz_loadu_ps(c < count ? m : 0, x + c * in_plane + p);
     Transpose16x16(v);
-    for (int64_t j = 0; j < n; ++j) {
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (j >= n) break;
       const int64_t r = ih + d.pad_top, col = iw + d.pad_left;
       if (r < r1 && col < c1) _mm512_storeu_ps(xin + (r * pw + col) * 16, v[j]);
       if (++iw == d.width) {
@@ -912,7 +914,11 @@ AVX512_TARGET void PackWeightPanelsAvx512(const CodebookWeight& w, int64_t row0,
         Transpose16x16(v);  // v[j]: the 16 rows at k = kb + j
         const int64_t ks = std::min<int64_t>(16, kc - kb);
         float* out = panel + kb * width + half;
-        for (int64_t j = 0; j < ks; ++j) _mm512_storeu_ps(out + j * width, v[j]);
+        // constant indices keep v in registers
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) {
+          if (j < ks) _mm512_storeu_ps(out + j * width, v[j]);
+        }
       }
     }
   }
@@ -1389,30 +1395,33 @@ void RunPixelGemm(const PixelGemmSpec& s, const OrtKernelContext* ctx) {
 #if ONNX_CODEBOOK_X86
   if (!g_avx512) throw std::logic_error("RunPixelGemm needs AVX-512");
   if (s.M <= 0 || s.num_tiles <= 0) return;
-  // Tasks: blocks of 32 output channels, times parts of the tile list when there are
-  // too few blocks for the pool (each part decodes the block's weights again).
+  // Tasks: (group, block of 32 output channels), times parts of the tile list when
+  // there are too few of those for the pool (each part decodes the block's weights
+  // again).
   const int64_t workers = PoolWorkers();
-  const int64_t blocks = (s.M + 31) / 32;
-  const int64_t parts = std::clamp<int64_t>((2 * workers + blocks - 1) / blocks, 1, s.num_tiles);
-  ParallelFor(ctx, blocks * parts, [&](int64_t task) {
+  const int64_t blocks = (s.M + 31) / 32, units = s.groups * blocks;
+  const int64_t parts = std::clamp<int64_t>((2 * workers + units - 1) / units, 1, s.num_tiles);
+  ParallelFor(ctx, units * parts, [&](int64_t task) {
     thread_local std::vector<float> panel_buf, acc_buf;
-    const int64_t block = task % blocks, part = task / blocks;
+    const int64_t unit = task % units, part = task / units;
+    const int64_t grp = unit / blocks, block = unit % blocks;
     const int64_t t0 = s.num_tiles * part / parts, t1 = s.num_tiles * (part + 1) / parts;
     if (t0 >= t1) return;
     const int64_t col0 = s.tiles[t0].out, col1 = s.tiles[t1 - 1].out + s.tiles[t1 - 1].length;
     const int64_t i0 = block * 32, rows = std::min<int64_t>(32, s.M - i0);
+    const float* b = s.b + grp * s.group_b;
     float* panel = Scratch(panel_buf, static_cast<size_t>(32 * kKC + 8 * 32 + 8));
     float* acc = Scratch(acc_buf, static_cast<size_t>((col1 - col0) * 32));
     for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
       const int64_t kc = std::min(kKC, s.K - k0);
-      PackWeightPanels(*s.w, s.row0, i0, rows, k0, kc, 32, panel);
+      PackWeightPanels(*s.w, s.row0 + grp * s.M, i0, rows, k0, kc, 32, panel);
       for (int64_t t = t0; t < t1; ++t) {
         const PixelTile& tile = s.tiles[t];
-        PixelKernelDispatch(tile.length, kc, s.b + tile.grid, s.b_offsets + k0, panel, acc + (tile.out - col0) * 32,
+        PixelKernelDispatch(tile.length, kc, b + tile.grid, s.b_offsets + k0, panel, acc + (tile.out - col0) * 32,
                             k0 > 0);
       }
     }
-    StorePixelBlock(s, acc, i0, rows, col0, col1);
+    StorePixelBlock(s, acc, grp * s.M + i0, rows, col0, col1);
   });
 #else
   (void)s, (void)ctx;

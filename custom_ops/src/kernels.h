@@ -84,6 +84,10 @@ struct PixelTile {
 struct PixelGemmSpec {
   const CodebookWeight* w = nullptr;
   int64_t row0 = 0, M = 0, K = 0;
+  // Groups of a grouped convolution, all in one parallel loop: group g is the GEMM
+  // above with weight rows row0 + g * M, B at b + g * group_b, and C, bias and add
+  // rows shifted by g * M.
+  int64_t groups = 1, group_b = 0;
   const float* b = nullptr;
   const int64_t* b_offsets = nullptr;
   const PixelTile* tiles = nullptr;
