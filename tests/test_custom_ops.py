@@ -291,6 +291,16 @@ def test_conv_few_columns(size, kernel, stride, pads, batch, group, bits):
               threads=2, size=size)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_many_groups(threads, batch):
+    # 16 groups of 4 -> 12 channels on a 20x20 plane: the blocked GEMM, one parallel
+    # loop over the groups with each group's GEMM serial inside its task.
+    conv_case(np.random.default_rng(batch), batch=batch, cin=16 * 4, cout=16 * 12, group=16, kernel=[3, 3],
+              stride=[1, 1], dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=4, group_size=1, bias=True,
+              activation="Relu", residual=True, threads=threads, size=[20, 20])
+
+
 def test_conv_pointwise_image_by_image():
     # 64 x 66 x 66 outputs per image exceed the 2^18-float grid: a 1x1 convolution then
     # reads each image of the batch in place, one GEMM per image.

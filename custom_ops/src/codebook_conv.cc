@@ -412,7 +412,10 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
       grid = std::make_unique<CallBuffer>(ctx, static_cast<size_t>(g.out_channels * pc.columns));
     }
     const int64_t columns = (count - 1) * pc.image + g.out_h * pc.wq;
-    for (int64_t grp = 0; grp < g.group; ++grp) {
+    // Many groups: one parallel loop over them, each group's GEMM serial in its task
+    // (a parallel GEMM per group would cost a round trip to the pool per group).
+    const bool across_groups = g.group >= 2 * PoolWorkers();
+    auto run_group = [&](int64_t grp) {
       const int64_t row0 = grp * g.cout_per_group;
       GemmSpec spec;
       spec.M = g.cout_per_group;
@@ -442,7 +445,12 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
         spec.add = z_n ? z_n + row0 * P : nullptr;
         spec.act = act;
       }
-      RunGemm(spec, ctx);
+      RunGemm(spec, across_groups ? nullptr : ctx);
+    };
+    if (across_groups) {
+      ParallelFor(ctx, g.group, run_group);
+    } else {
+      for (int64_t grp = 0; grp < g.group; ++grp) run_group(grp);
     }
     if (!grid) continue;
     // grid [co][n][Hq][Wq] -> y [n][co][out_h][out_w], adding Z and the activation

@@ -64,10 +64,6 @@ const bool g_avx512 = DetectAvx512();
 const bool g_pixel_gemm = g_avx512 && !EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "0");
 const bool g_force_pixel_gemm = g_pixel_gemm && EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "1");
 
-// Tasks a parallel loop should offer: the machine's threads, within [1, 64].
-int64_t PoolWorkers() {
-  return std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
-}
 
 // Thread-local scratch, grown on demand and reused across calls.
 float* Scratch(std::vector<float>& buf, size_t n) {
@@ -1235,8 +1231,7 @@ namespace {
 // and as little repeated packing as possible (every N tile repacks its A rows,
 // every M tile its B columns).
 // pack_b_cost: cycles per packed element of B (s.pack_b_cost, or 0 when B is read in place).
-void ChooseTiles(const GemmSpec& s, double pack_b_cost, int64_t* bm_out, int64_t* bn_out) {
-  const int64_t workers = PoolWorkers();
+void ChooseTiles(const GemmSpec& s, double pack_b_cost, int64_t workers, int64_t* bm_out, int64_t* bn_out) {
   const int64_t max_bm = std::max<int64_t>(kMR, s.block_m / kMR * kMR);
   const int64_t max_bn = std::max<int64_t>(kNR, s.block_n / kNR * kNR);
   const int64_t max_tm = (s.M + kMR - 1) / kMR, max_tn = (s.N + kNR - 1) / kNR;
@@ -1295,7 +1290,7 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
   // against A packed as weight rows (pack_a_rows).
   const bool direct = s.b_direct != nullptr && g_avx512 && s.col_div >= kNR;
   int64_t bm = 0, bn = 0;
-  ChooseTiles(s, direct ? 0.0 : s.pack_b_cost, &bm, &bn);
+  ChooseTiles(s, direct ? 0.0 : s.pack_b_cost, ctx ? PoolWorkers() : 1, &bm, &bn);
   const int64_t tiles_m = (s.M + bm - 1) / bm;
   const int64_t tiles_n = (s.N + bn - 1) / bn;
   ParallelFor(ctx, tiles_m * tiles_n, [&](int64_t t) {
@@ -1386,6 +1381,10 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
       }
     }
   });
+}
+
+int64_t PoolWorkers() {
+  return std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
 }
 
 bool HasPixelGemm() { return g_pixel_gemm; }

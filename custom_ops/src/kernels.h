@@ -147,6 +147,9 @@ class CallBuffer {
   float* data_ = nullptr;
 };
 
+// Tasks a parallel loop should offer: the machine's threads, within [1, 64].
+int64_t PoolWorkers();
+
 // Runs a GEMM on onnxruntime's intra-op pool (serially when ctx is null).
 void RunGemm(const GemmSpec& spec, const OrtKernelContext* ctx);
 
