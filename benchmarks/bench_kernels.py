@@ -269,27 +269,31 @@ def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _session(path: str, threads: int, batch: int, needs_ops: bool):
+def _session(path: str, threads: int, batch: int, needs_ops: bool, library: str | None = None):
+    """library: a custom-op library file to register instead of the package's own."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(path, ops.session_options(needs_ops, threads), providers=["CPUExecutionProvider"])
+    options = ops.session_options(needs_ops and library is None, threads)
+    if library is not None:
+        options.register_custom_ops_library(library)
+    sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     x = np.random.default_rng(0).standard_normal([batch, *inp.shape[1:]]).astype(np.float32)
     return sess, {inp.name: x}
 
 
-def child_rss(path: str, batch: int, threads: int, needs_ops: bool) -> None:
+def child_rss(path: str, batch: int, threads: int, needs_ops: bool, library: str | None = None) -> None:
     """Peak RSS of one model in this (fresh) process: session creation and two runs."""
     import onnxruntime  # noqa: F401  (the baseline includes onnxruntime itself)
 
     base = peak_rss_kb()
-    sess, feeds = _session(path, threads, batch, needs_ops)
+    sess, feeds = _session(path, threads, batch, needs_ops, library)
     out = sess.run(None, feeds)[0]
     sess.run(None, feeds)
     print(json.dumps({"peak_mb": (peak_rss_kb() - base) / 1024, "checksum": float(np.abs(out).mean())}))
 
 
-def child_time(paths: dict, batch: int, threads: int, repeats: int) -> None:
+def child_time(paths: dict, batch: int, threads: int, repeats: int, baseline: str | None = None) -> None:
     """Times all variants in one process, interleaved in short blocks, so that they see
     the same load from the rest of the machine; prints a JSON line per variant.
 
@@ -300,6 +304,8 @@ def child_time(paths: dict, batch: int, threads: int, repeats: int) -> None:
     deployment runs one session per process, so the first run after a switch is dropped.
     """
     sessions = {v: _session(p, threads, batch, v == "fused") for v, p in paths.items()}
+    if baseline:  # the same fused model on another build of the library (an A/B of two kernel versions)
+        sessions["baseline"] = _session(paths["fused"], threads, batch, True, baseline)
     for sess, feeds in sessions.values():
         sess.run(None, feeds)  # warm-up
     times = {v: [] for v in paths}
@@ -320,7 +326,7 @@ def child_time(paths: dict, batch: int, threads: int, repeats: int) -> None:
         if rounds >= 5000:
             break
     print(json.dumps({v: {"median_ms": 1e3 * float(np.median(times[v])), "cpu_ms": 1e3 * float(np.median(cpu[v])),
-                          "runs": len(times[v])} for v in paths}))
+                          "runs": len(times[v])} for v in sessions}))
 
 
 def run_child(spec: dict) -> dict:
@@ -331,10 +337,10 @@ def run_child(spec: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def measure(paths: dict, batch: int, threads: int, repeats: int) -> dict:
+def measure(paths: dict, batch: int, threads: int, repeats: int, baseline: str | None = None) -> dict:
     """{variant: {median_ms, cpu_ms, runs, peak_mb, checksum}} for one configuration."""
     timed = run_child({"mode": "time", "paths": {v: str(p) for v, p in paths.items()}, "batch": batch,
-                       "threads": threads, "repeats": repeats})
+                       "threads": threads, "repeats": repeats, "baseline": baseline})
     for v, p in paths.items():
         timed[v].update(run_child({"mode": "rss", "path": str(p), "batch": batch, "threads": threads,
                                    "needs_ops": v == "fused"}))
@@ -351,6 +357,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.md"))
+    parser.add_argument("--baseline-library", help="also time the fused models on this build of the custom-op "
+                        "library (e.g. an older commit's), interleaved with the others: an A/B of two kernel versions")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -380,10 +388,13 @@ def main() -> None:
         "after importing onnxruntime; weights = bytes of all initializers.",
         "",
         "| model | batch | threads | fp32 ms | fused ms | fused/fp32 | fp32 CPU ms | fused CPU ms | CPU fused/fp32 "
-        "| nbits ms | fused/nbits | fp32 peak MB | fused peak MB | peak ratio | weights fp32 MB | weights fused MB "
-        "| weight ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| nbits ms | fused/nbits "
+        + ("| baseline ms | baseline/fp32 " if args.baseline_library else "")
+        + "| fp32 peak MB | fused peak MB | peak ratio | weights fp32 MB | weights fused MB | weight ratio |",
+        "|---" * (19 if args.baseline_library else 17) + "|",
     ]
+    if args.baseline_library:
+        lines[2:2] = [f"Baseline: the fused models on `{args.baseline_library}`, timed in the same rounds.", ""]
     print("\n".join(lines), flush=True)
     notes = ["", "Nodes of the fused graphs:", ""]
     with tempfile.TemporaryDirectory() as tmp:
@@ -399,7 +410,7 @@ def main() -> None:
             del variants
             for batch in map(int, args.batches.split(",")):
                 for threads in map(int, args.threads.split(",")):
-                    r = measure(paths, batch, threads, args.repeats)
+                    r = measure(paths, batch, threads, args.repeats, args.baseline_library)
                     diff = abs(r["fused"]["checksum"] - r["fp32"]["checksum"]) / max(r["fp32"]["checksum"], 1e-12)
                     if diff > 1e-3 and name not in REAL_MODELS:  # real models are re-clustered: they differ
                         print(f"WARNING: {name} fused output differs from fp32 (mean |y| rel diff {diff:.2e})")
@@ -413,6 +424,9 @@ def main() -> None:
                     row += (
                         f"| {nb['median_ms']:.2f} | {fu['median_ms'] / nb['median_ms']:.2f} " if nb else "| - | - "
                     )
+                    if args.baseline_library:
+                        bl = r["baseline"]
+                        row += f"| {bl['median_ms']:.2f} | {bl['median_ms'] / fp['median_ms']:.2f} "
                     row += (
                         f"| {r['fp32']['peak_mb']:.1f} | {r['fused']['peak_mb']:.1f} "
                         f"| {r['fused']['peak_mb'] / max(r['fp32']['peak_mb'], 1e-9):.2f} "
