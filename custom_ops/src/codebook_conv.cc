@@ -77,23 +77,23 @@ void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, 
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, total / 4));
     const int64_t tasks = (total + chunk - 1) / chunk;
     ParallelFor(ctx, tasks, [&](int64_t task) {
-      thread_local std::vector<float> rows, taps16;
-      if (rows.size() < static_cast<size_t>(w.cols_padded)) rows.resize(static_cast<size_t>(w.cols_padded));
-      if (taps16.size() < static_cast<size_t>(ntaps * 16)) taps16.resize(static_cast<size_t>(ntaps * 16));
+      thread_local std::vector<float> rows_buf, taps_buf;
+      float* rows = Scratch(rows_buf, static_cast<size_t>(w.cols_padded));
+      float* taps16 = Scratch(taps_buf, static_cast<size_t>(ntaps * 16));
       int64_t decoded = -1;
       for (int64_t u = task * chunk; u < std::min(total, (task + 1) * chunk); ++u) {
         const int64_t block = u / g.batch, n = u % g.batch, c0 = block * 16;
         const int64_t count = std::min<int64_t>(16, g.out_channels - c0);
         if (block != decoded) {
-          std::fill(taps16.begin(), taps16.end(), 0.f);
+          std::fill_n(taps16, ntaps * 16, 0.f);
           for (int64_t c = 0; c < count; ++c) {
-            DecodeRow(w, c0 + c, 0, w.cols, rows.data());
+            DecodeRow(w, c0 + c, 0, w.cols, rows);
             for (int64_t t = 0; t < ntaps; ++t) taps16[t * 16 + c] = rows[t];
           }
           decoded = block;
         }
         const int64_t out = (n * g.out_channels + c0) * out_plane;
-        DepthwiseChannels(plan, count, x + (n * g.channels + c0) * in_plane, in_plane, taps16.data(),
+        DepthwiseChannels(plan, count, x + (n * g.channels + c0) * in_plane, in_plane, taps16,
                           bias ? bias + c0 : nullptr, z ? z + out : nullptr, act, y + out, out_plane);
       }
     });
@@ -105,8 +105,7 @@ void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, 
   const int64_t tasks = (planes + chunk - 1) / chunk;
   ParallelFor(ctx, tasks, [&](int64_t task) {
     thread_local std::vector<float> taps_buf;
-    if (taps_buf.size() < static_cast<size_t>(w.cols_padded)) taps_buf.resize(static_cast<size_t>(w.cols_padded));
-    float* taps = taps_buf.data();
+    float* taps = Scratch(taps_buf, static_cast<size_t>(w.cols_padded));
     for (int64_t t = task * chunk; t < std::min(planes, (task + 1) * chunk); ++t) {
       const int64_t n = t / g.out_channels, co = t % g.out_channels;
       const int64_t ci = co / g.cout_per_group;  // cin_per_group == 1

@@ -65,11 +65,6 @@ const bool g_pixel_gemm = g_avx512 && !EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "0");
 const bool g_force_pixel_gemm = g_pixel_gemm && EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "1");
 
 
-// Thread-local scratch, grown on demand and reused across calls.
-float* Scratch(std::vector<float>& buf, size_t n) {
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
 
 // ---------------------------------------------------------------- portable code
 
@@ -752,10 +747,8 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
   // (scalar transposes: AVX-512 gathers and scatters are slow here).
   const int64_t ph = d.padded_h, pw = (d.out_w - 1) * d.sw + (d.kw - 1) * d.dw + 1;
   thread_local std::vector<float> buf, out_buf;
-  if (buf.size() < static_cast<size_t>(ph * pw * 16)) buf.resize(static_cast<size_t>(ph * pw * 16));
-  if (out_buf.size() < static_cast<size_t>(out_plane * 16)) out_buf.resize(static_cast<size_t>(out_plane * 16));
-  float* xin = buf.data();
-  float* out = out_buf.data();
+  float* xin = Scratch(buf, static_cast<size_t>(ph * pw * 16));
+  float* out = Scratch(out_buf, static_cast<size_t>(out_plane * 16));
   const int64_t r0 = std::max<int64_t>(0, d.pad_top), r1 = std::min(ph, d.height + d.pad_top);
   const int64_t c0 = std::max<int64_t>(0, d.pad_left), c1 = std::min(pw, d.width + d.pad_left);
   // Only the padding is zeroed (the input fills rows [r0, r1) x columns [c0, c1)),
@@ -1381,6 +1374,13 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
       }
     }
   });
+}
+
+float* Scratch(std::vector<float>& buf, size_t n) {
+  constexpr size_t kAlignFloats = 16;  // 64 bytes
+  if (buf.size() < n + kAlignFloats) buf.resize(n + kAlignFloats);
+  const auto at = reinterpret_cast<std::uintptr_t>(buf.data());
+  return buf.data() + ((64 - at % 64) % 64) / sizeof(float);
 }
 
 int64_t PoolWorkers() {

@@ -150,6 +150,11 @@ class CallBuffer {
 // Tasks a parallel loop should offer: the machine's threads, within [1, 64].
 int64_t PoolWorkers();
 
+// Thread-local scratch of at least n floats from buf (grown on demand, kept across
+// calls), 64-byte aligned: a vector's own storage is only 16-byte aligned, and the
+// AVX-512 kernels load whole 64-byte rows from these buffers.
+float* Scratch(std::vector<float>& buf, size_t n);
+
 // Runs a GEMM on onnxruntime's intra-op pool (serially when ctx is null).
 void RunGemm(const GemmSpec& spec, const OrtKernelContext* ctx);
 
