@@ -308,8 +308,8 @@ def child_time(paths: dict, batch: int, threads: int, repeats: int, baseline: st
         sessions["baseline"] = _session(paths["fused"], threads, batch, True, baseline)
     for sess, feeds in sessions.values():
         sess.run(None, feeds)  # warm-up
-    times = {v: [] for v in paths}
-    cpu = {v: [] for v in paths}
+    times = {v: [] for v in sessions}
+    cpu = {v: [] for v in sessions}
     start = time.perf_counter()
     # at least `repeats` rounds and MIN_SECONDS (small models), at most MAX_SECONDS
     while True:
