@@ -16,8 +16,9 @@ granularity="channel", format="fused")`` (whatever epilogue folding the rewrite 
 * effnet_lite0 - EfficientNet-Lite0 from benchmarks/data.py (cached in ~/.cache/onnx-codebook)
 
 For each (model, batch, threads) one subprocess times all variants, interleaved in
-blocks of one untimed and two timed runs so that they share whatever load the rest of
-the machine puts on it while no variant runs against another one's spinning thread pool
+blocks (untimed runs for 0.15 s, then two timed runs) so that they share whatever load
+the rest of the machine puts on it while no variant runs against another one's spinning
+thread pool
 (median wall clock and median process CPU time per run), and one fresh subprocess per variant
 records the peak RSS of creating the session and running it twice, above the peak it
 had after importing onnxruntime (VmHWM from /proc: ru_maxrss would start at the
@@ -51,6 +52,7 @@ BITS = 4
 OPSET = 17
 MIN_SECONDS, MAX_SECONDS = 2.0, 20.0
 TIMED_PER_BLOCK = 2
+SETTLE_SECONDS = 0.15
 IR_VERSION = 8
 
 
@@ -297,11 +299,13 @@ def child_time(paths: dict, batch: int, threads: int, repeats: int, baseline: st
     """Times all variants in one process, interleaved in short blocks, so that they see
     the same load from the rest of the machine; prints a JSON line per variant.
 
-    Each block is one untimed run and TIMED_PER_BLOCK timed ones: after a session's
-    run its pool threads spin for a while, and with 2 threads on 2 cores the spinning
-    pool of the variant that ran before halves the next one's speed (fp32 ResNet-50 at
-    batch 1 measured 75 ms interleaved run by run, 39 ms in blocks, 42 ms alone).  A
-    deployment runs one session per process, so the first run after a switch is dropped.
+    Each block is untimed runs for at least SETTLE_SECONDS (one at least), then
+    TIMED_PER_BLOCK timed ones: after a session's run its pool threads spin for a
+    while, and with 2 threads on 2 cores the spinning pool of the variant that ran
+    before slows the next one down (fp32 ResNet-50 at batch 1 measured 75 ms
+    interleaved run by run, 39 ms in blocks, 42 ms alone; on EfficientNet-Lite0 at
+    batch 1, 6 ms runs, a single untimed run was not enough).  A deployment runs one
+    session per process, so the runs right after a switch are dropped.
     """
     sessions = {v: _session(p, threads, batch, v == "fused") for v, p in paths.items()}
     if baseline:  # the same fused model on another build of the library (an A/B of two kernel versions)
@@ -314,7 +318,10 @@ def child_time(paths: dict, batch: int, threads: int, repeats: int, baseline: st
     # at least `repeats` rounds and MIN_SECONDS (small models), at most MAX_SECONDS
     while True:
         for v, (sess, feeds) in sessions.items():
-            sess.run(None, feeds)  # lets the other sessions' pools go idle
+            settle = time.perf_counter() + SETTLE_SECONDS
+            sess.run(None, feeds)  # untimed while the other sessions' pool threads stop spinning
+            while time.perf_counter() < settle:
+                sess.run(None, feeds)
             for _ in range(TIMED_PER_BLOCK):
                 t0, c0 = time.perf_counter(), time.process_time()
                 sess.run(None, feeds)
@@ -379,8 +386,9 @@ def main() -> None:
         f"(group_size=1); synthetic models (resnet50, mobile, digits, fc) fold Relu / residual Add into the fused "
         "ops' epilogue, real models (digits_cnn, effnet_lite0) are `onnx_codebook.compress(path, bits=4, "
         'granularity="channel", format="fused")` as the rewrite produces them.  Latency: the variants of a row run '
-        "interleaved in one process after a warm-up run, in rounds of one block per variant (one untimed run, "
-        f"which lets the previous variant's spinning pool threads go idle, then {TIMED_PER_BLOCK} timed runs), median "
+        "interleaved in one process after a warm-up run, in rounds of one block per variant (untimed runs for "
+        f"{SETTLE_SECONDS} s, while the previous variant's pool threads stop spinning, then {TIMED_PER_BLOCK} timed "
+        "runs), median "
         f"wall clock of at least {args.repeats} rounds and {MIN_SECONDS:.0f} s (at most {MAX_SECONDS:.0f} s); CPU ms: "
         "median process CPU time "
         "per run (the machine was shared with other jobs); peak RSS = peak resident set (VmHWM; ru_maxrss where /proc "

@@ -64,8 +64,6 @@ const bool g_avx512 = DetectAvx512();
 const bool g_pixel_gemm = g_avx512 && !EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "0");
 const bool g_force_pixel_gemm = g_pixel_gemm && EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "1");
 
-
-
 // ---------------------------------------------------------------- portable code
 
 void DecodeRowPortable(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, float* out) {
