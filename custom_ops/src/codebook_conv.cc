@@ -216,9 +216,13 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
     tiles.push_back({at, at, length});
     at += length;
   }
-  for (int64_t grp = 0; grp < g.group; ++grp) {
-    float* b = cols.data() + grp * w.cols * columns;
-    for (int64_t c = 0; c < g.cin_per_group; ++c) {
+  // input channels (of all groups) split over the pool
+  const int64_t planes = g.group * g.cin_per_group;
+  const int64_t tasks = std::min(planes, 4 * PoolWorkers());
+  ParallelFor(ctx, tasks, [&](int64_t t) {
+    for (int64_t gc = planes * t / tasks; gc < planes * (t + 1) / tasks; ++gc) {
+      const int64_t grp = gc / g.cin_per_group, c = gc % g.cin_per_group;
+      float* b = cols.data() + grp * w.cols * columns;
       for (int64_t i = 0; i < g.kh; ++i) {
         for (int64_t j = 0; j < g.kw; ++j) {
           float* row = b + ((c * g.kh + i) * g.kw + j) * columns;
@@ -237,7 +241,7 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
         }
       }
     }
-  }
+  });
   ConvPixelGemm(w, g, cols.data(), w.cols * columns, offsets.data(), tiles, bias, z, act, y, ctx);
 }
 
