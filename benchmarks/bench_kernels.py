@@ -27,6 +27,7 @@ benchmarks/results/kernels.md.
 
     pip install '.[bench]'   # onnx_ir, which onnxruntime's MatMulNBitsQuantizer imports
     python benchmarks/bench_kernels.py [--models resnet50,mobile,fc,digits_cnn,effnet_lite0] [--repeats 10]
+        [--baseline-library path/to/other/libonnx_codebook_ops.so]   # A/B against another kernel build
 """
 
 from __future__ import annotations
