@@ -283,8 +283,8 @@ def test_conv_few_columns(size, kernel, stride, pads, batch, group, bits):
     # At most 16 output columns over the whole batch (the digits model's 4x4 layer):
     # an explicit im2col across images, pixel-major with AVX-512 (tiles of up to 12
     # columns that cross output rows and images), else rows of the weight against
-    # blocks of 8 columns.  70 output channels: a partial block of 32; 300 inputs per
-    # group of 3x3: several 256-deep reduction blocks.
+    # blocks of 8 columns.  70 output channels: a partial block of 32; 300 / kernel
+    # width input channels per group: reductions of 900, several 256-deep blocks.
     conv_case(np.random.default_rng(sum(size) * batch + bits), batch=batch, cin=group * 300 // kernel[1],
               cout=70 * group, group=group, kernel=kernel, stride=stride, dilation=[1, 1], pads=pads,
               auto_pad="NOTSET", bits=bits, group_size=1, bias=True, activation="Clip", residual=True,
