@@ -790,13 +790,6 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
   const __m512 vb = bias ? _mm512_maskz_loadu_ps(live, bias) : _mm512_setzero_ps();
   alignas(64) float bias16[16];
   _mm512_store_ps(bias16, vb);
-  // per tap: its offset in xin from the window's corner, and its 16 channel weights
-  const int64_t ntaps = d.kh * d.kw;
-  thread_local std::vector<int64_t> tap_at;
-  tap_at.resize(static_cast<size_t>(ntaps));
-  for (int64_t i = 0; i < d.kh; ++i)
-    for (int64_t j = 0; j < d.kw; ++j) tap_at[i * d.kw + j] = (i * d.dh * pw + j * d.dw) * 16;
-  const int64_t step = d.sw * 16;
   if (const DepthwiseRowFn* rows = DepthwiseRowKernels(d.kw, d.sw, d.dw)) {
     for (int64_t oh = 0; oh < d.out_h; ++oh) {
       for (int64_t ow = 0; ow < d.out_w; ow += kRowPositions) {
@@ -805,18 +798,25 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
                     out + (oh * d.out_w + ow) * 16);
       }
     }
-  }
-  // Otherwise up to four output positions of a row at a time: independent accumulation
-  // chains that share each tap's weights.
-  for (int64_t oh = 0; oh < d.out_h && DepthwiseRowKernels(d.kw, d.sw, d.dw) == nullptr; ++oh) {
-    for (int64_t ow = 0; ow < d.out_w; ow += 4) {
-      const float* base = xin + (oh * d.sh * pw + ow * d.sw) * 16;
-      float* dst = out + (oh * d.out_w + ow) * 16;
-      switch (std::min<int64_t>(4, d.out_w - ow)) {
-        case 4: DepthwisePositions<4>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
-        case 3: DepthwisePositions<3>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
-        case 2: DepthwisePositions<2>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
-        default: DepthwisePositions<1>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
+  } else {
+    // Up to four output positions of a row at a time: independent accumulation chains
+    // that share each tap's weights; per tap its offset in xin from the window's corner.
+    const int64_t ntaps = d.kh * d.kw;
+    thread_local std::vector<int64_t> tap_at;
+    tap_at.resize(static_cast<size_t>(ntaps));
+    for (int64_t i = 0; i < d.kh; ++i)
+      for (int64_t j = 0; j < d.kw; ++j) tap_at[i * d.kw + j] = (i * d.dh * pw + j * d.dw) * 16;
+    const int64_t step = d.sw * 16;
+    for (int64_t oh = 0; oh < d.out_h; ++oh) {
+      for (int64_t ow = 0; ow < d.out_w; ow += 4) {
+        const float* base = xin + (oh * d.sh * pw + ow * d.sw) * 16;
+        float* dst = out + (oh * d.out_w + ow) * 16;
+        switch (std::min<int64_t>(4, d.out_w - ow)) {
+          case 4: DepthwisePositions<4>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
+          case 3: DepthwisePositions<3>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
+          case 2: DepthwisePositions<2>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
+          default: DepthwisePositions<1>(taps, ntaps, tap_at.data(), base, step, vb, dst); break;
+        }
       }
     }
   }
