@@ -1382,7 +1382,9 @@ float* Scratch(std::vector<float>& buf, size_t n) {
 }
 
 int64_t PoolWorkers() {
-  return std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
+  // read once, like the CPU feature flags (it was a system call per kernel call)
+  static const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
+  return workers;
 }
 
 bool HasPixelGemm() { return g_pixel_gemm; }
