@@ -228,8 +228,7 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
           float* row = b + ((c * g.kh + i) * g.kw + j) * columns;
           // output column ow reads input column ow * sw + first, inside for [lo, hi)
           const int64_t first = j * g.dw - g.pad_left;
-          const int64_t lo = std::min(g.out_w, first >= 0 ? 0 : (-first + g.sw - 1) / g.sw);
-          const int64_t hi = std::max(lo, std::min(g.out_w, g.width - first <= 0 ? 0 : (g.width - first + g.sw - 1) / g.sw));
+          const auto [lo, hi] = InsideColumns(first, g.sw, g.width, g.out_w);
           for (int64_t n = 0; n < g.batch; ++n) {
             const float* plane = x + (n * g.channels + grp * g.cin_per_group + c) * g.height * g.width;
             for (int64_t oh = 0; oh < g.out_h; ++oh) {
@@ -314,8 +313,7 @@ class PhaseConv {
             float* ph = buf + c * channel_stride + slot[a * g.sw + b] * phase_stride + n * image;
             // phase column s reads input column s * sw + b - pad_left
             const int64_t first = b - g.pad_left;
-            const int64_t lo = std::min(wq, first >= 0 ? 0 : (-first + g.sw - 1) / g.sw);
-            const int64_t hi = std::max(lo, std::min(wq, g.width - first <= 0 ? 0 : (g.width - first + g.sw - 1) / g.sw));
+            const auto [lo, hi] = InsideColumns(first, g.sw, g.width, wq);
             for (int64_t r = 0; r < hq; ++r) {
               const int64_t ih = r * g.sh + a - g.pad_top;
               PaddedRow(ih >= 0 && ih < g.height ? src + ih * g.width + first : nullptr, lo, hi, g.sw, wq, ph + r * wq);

@@ -1481,8 +1481,7 @@ void DepthwisePlane(const DepthwisePlan& d, const float* x, const float* taps, f
   for (int64_t q = 0; q < d.sw; ++q) {
     // column t reads iw = t * sw + first; valid when 0 <= iw < width
     const int64_t first = q - d.pad_left;
-    const int64_t lo = std::min(d.phase_w, first >= 0 ? 0 : (-first + d.sw - 1) / d.sw);
-    const int64_t hi = std::max(lo, std::min(d.phase_w, d.width - first <= 0 ? 0 : (d.width - first + d.sw - 1) / d.sw));
+    const auto [lo, hi] = InsideColumns(first, d.sw, d.width, d.phase_w);
     for (int64_t r = 0; r < d.padded_h; ++r) {
       float* dst = phases + (q * d.padded_h + r) * d.phase_w;
       const int64_t ih = r - d.pad_top;

@@ -2,6 +2,7 @@
 // weight operand is decoded panel by panel (the whole layer is never expanded).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -103,6 +104,17 @@ struct PixelGemmSpec {
 bool HasPixelGemm();
 bool ForcePixelGemm();
 void RunPixelGemm(const PixelGemmSpec& spec, const OrtKernelContext* ctx);
+
+// The columns t in [0, n) whose source column t * stride + first lies in [0, width):
+// [lo, hi), for PaddedRow.
+struct ColumnRange {
+  int64_t lo, hi;
+};
+inline ColumnRange InsideColumns(int64_t first, int64_t stride, int64_t width, int64_t n) {
+  const int64_t lo = std::min(n, first >= 0 ? 0 : (-first + stride - 1) / stride);
+  const int64_t hi = std::max(lo, std::min(n, width - first <= 0 ? 0 : (width - first + stride - 1) / stride));
+  return {lo, hi};
+}
 
 // One zero-padded row: dst[t] = src[t * stride] for lo <= t < hi, 0 elsewhere in
 // [0, n); src null: all zeros.
