@@ -277,14 +277,17 @@ def test_conv_small_planes_many_channels(size, kernel, stride, pads, batch, grou
 @pytest.mark.parametrize(
     "size, kernel, stride, pads, batch, group, bits",
     [([4, 4], [3, 3], [1, 1], [1] * 4, 1, 1, 4), ([2, 2], [3, 3], [1, 1], [1] * 4, 3, 1, 2),
-     ([5, 3], [3, 1], [2, 1], [1, 0, 0, 0], 2, 2, 3), ([3, 3], [2, 2], [1, 1], [0] * 4, 4, 1, 7)],
+     ([5, 3], [3, 1], [2, 1], [1, 0, 0, 0], 2, 2, 3), ([3, 3], [2, 2], [1, 1], [0] * 4, 4, 1, 7),
+     ([3, 5], [3, 3], [1, 1], [1] * 4, 1, 1, 1), ([2, 2], [3, 3], [1, 1], [1] * 4, 4, 2, 3)],
 )
 def test_conv_few_columns(size, kernel, stride, pads, batch, group, bits):
     # At most 16 output columns over the whole batch (the digits model's 4x4 layer):
-    # an explicit im2col across images, pixel-major with AVX-512 (tiles of up to 12
-    # columns that cross output rows and images), else rows of the weight against
-    # blocks of 8 columns.  70 output channels: a partial block of 32; 300 / kernel
-    # width input channels per group: reductions of 900, several 256-deep blocks.
+    # an explicit im2col across images; with AVX-512, 13-16 columns run as the vector
+    # lanes (the last two cases: 15 columns, and 16 across 4 images of 2x2), up to 12
+    # pixel-major (tiles that cross output rows and images); without it, rows of the
+    # weight against blocks of 8 columns.  70 output channels: a partial block of 32
+    # (and of 16); 300 / kernel width input channels per group: reductions of 900,
+    # several 256-deep blocks.
     conv_case(np.random.default_rng(sum(size) * batch + bits), batch=batch, cin=group * 300 // kernel[1],
               cout=70 * group, group=group, kernel=kernel, stride=stride, dilation=[1, 1], pads=pads,
               auto_pad="NOTSET", bits=bits, group_size=1, bias=True, activation="Clip", residual=True,
@@ -556,10 +559,13 @@ def test_session_helper_registers_library():
     np.testing.assert_allclose(got, a @ weight, rtol=RTOL, atol=RTOL)
 
 
-@pytest.mark.parametrize("kernels", ["ONNX_CODEBOOK_PORTABLE", "ONNX_CODEBOOK_NO_AVX512", "ONNX_CODEBOOK_PIXEL_GEMM"])
+@pytest.mark.parametrize(
+    "kernels", ["ONNX_CODEBOOK_PORTABLE", "ONNX_CODEBOOK_NO_AVX512", "ONNX_CODEBOOK_PIXEL_GEMM", "ONNX_CODEBOOK_NO_VBMI"]
+)
 def test_fallback_kernels_in_subprocess(kernels):
-    """The portable and the AVX2-only kernels, and the pixel-major convolution for every
-    geometry (forced by environment variables), give the same results."""
+    """The portable and the AVX2-only kernels, the pixel-major convolution for every
+    geometry, and the PDEP index decoding where the CPU has VBMI (forced by environment
+    variables), give the same results."""
     import subprocess
     import sys
 
@@ -575,6 +581,9 @@ def test_fallback_kernels_in_subprocess(kernels):
         "    t.gemm_case(np.random.default_rng(seed), M=1 + seed * 3, K=77, N=33, trans_a=bool(seed % 2),\n"
         "                trans_b=bool(seed % 3), alpha=0.5, beta=1.0, c_shape=(33,), bits=1 + seed, group_size=2,\n"
         "                activation=['', 'Relu', 'Clip'][seed % 3])\n"
+        "    t.conv_case(np.random.default_rng(seed), batch=1 + seed % 4, cin=64, cout=40, group=1 + seed % 2,\n"
+        "                kernel=[3, 3], stride=[1, 1], dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad='NOTSET',\n"
+        "                bits=1 + seed % 4, group_size=1, bias=True, activation='Relu', size=[2, 2])\n"
         "t.conv_case(np.random.default_rng(8), batch=2, cin=40, cout=100, group=1, kernel=[3, 3], stride=[1, 1],\n"
         "            dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad='NOTSET', bits=4, group_size=1, bias=True,\n"
         "            activation='Relu', residual=True, threads=2)\n"

@@ -16,6 +16,7 @@
 // The epilogue (bias, residual Z, Relu / Clip) is applied where each output element
 // is written for the last time.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -173,12 +174,11 @@ void FewColumnsConv(const CodebookWeight& w, const ConvGeometry& g, const float*
   }
 }
 
-// The pixel-major GEMM of all groups: group g reads B(k, column) at
-// b + g * group_b + offsets[k] + column; y and z (may be null) point at the first
+// C = act(W B + bias + z) of a convolution, for the pixel-major and lane GEMMs of all
+// groups: group g reads B at b + g * group_b; y and z (may be null) point at the first
 // image of the columns.
-void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, const float* b, int64_t group_b,
-                   const int64_t* offsets, const std::vector<PixelTile>& tiles, const float* bias, const float* z,
-                   const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+PixelGemmSpec ConvGemmSpec(const CodebookWeight& w, const ConvGeometry& g, const float* b, int64_t group_b,
+                           const float* bias, const float* z, const Epilogue& act, float* y) {
   const int64_t P = g.out_h * g.out_w;
   PixelGemmSpec spec;
   spec.w = &w;
@@ -187,9 +187,6 @@ void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, const float* 
   spec.groups = g.group;
   spec.group_b = group_b;
   spec.b = b;
-  spec.b_offsets = offsets;
-  spec.tiles = tiles.data();
-  spec.num_tiles = static_cast<int64_t>(tiles.size());
   spec.bias = bias;
   spec.add = z;
   spec.act = act;
@@ -197,16 +194,63 @@ void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, const float* 
   spec.row_stride = P;
   spec.col_div = P;
   spec.col_outer = g.out_channels * P;
+  return spec;
+}
+
+// The pixel-major GEMM of all groups: group g reads B(k, column) at
+// b + g * group_b + offsets[k] + column.
+void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, const float* b, int64_t group_b,
+                   const int64_t* offsets, const std::vector<PixelTile>& tiles, const float* bias, const float* z,
+                   const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+  PixelGemmSpec spec = ConvGemmSpec(w, g, b, group_b, bias, z, act, y);
+  spec.b_offsets = offsets;
+  spec.tiles = tiles.data();
+  spec.num_tiles = static_cast<int64_t>(tiles.size());
   RunPixelGemm(spec, ctx);
 }
 
-// Few output columns with the pixel-major GEMM (AVX-512): the im2col matrix is built
-// explicitly, [k][column] over the whole batch, so that tiles of up to 12 columns run
-// across output rows and images (a 4x4 plane would otherwise give runs of 4).
+// Few output columns (AVX-512): the im2col matrix is built explicitly, [k][column] over
+// the whole batch, for the lane GEMM (columns as the vector lanes, row stride 16) or
+// for the pixel-major GEMM, whose tiles of up to 12 columns then run across output
+// rows and images (a 4x4 plane would otherwise give runs of 4).
 void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias,
                      const float* z, const Epilogue& act, float* y, const OrtKernelContext* ctx) {
   const int64_t P = g.out_h * g.out_w, columns = g.batch * P;
-  CallBuffer cols(ctx, static_cast<size_t>(g.group * w.cols * columns));  // [group][k][column]
+  // the pixel-major tiles hold up to 12 columns: past that the lanes are fuller
+  // (at 9-12 columns the pixel-major GEMM measured faster)
+  const bool lanes = columns > 12 && columns <= kLaneColumns;
+  const int64_t ld = lanes ? 16 : columns;  // row stride of the im2col matrix
+  CallBuffer cols(ctx, static_cast<size_t>(g.group * w.cols * ld));  // [group][k][column]
+  // where column j of tap (i, j) reads, from the first input channel of the batch's
+  // first image; -1: padding
+  const int64_t taps = g.kh * g.kw, in_plane = g.height * g.width;
+  std::vector<int32_t> from(static_cast<size_t>(taps * kLaneColumns), -1);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      for (int64_t col = 0; col < columns; ++col) {
+        const int64_t n = col / P, oh = col % P / g.out_w, ow = col % g.out_w;
+        const int64_t ih = oh * g.sh - g.pad_top + i * g.dh, iw = ow * g.sw - g.pad_left + j * g.dw;
+        if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
+          from[(i * g.kw + j) * kLaneColumns + col] = static_cast<int32_t>(n * g.channels * in_plane + ih * g.width + iw);
+        }
+      }
+    }
+  }
+  // input channels (of all groups) split over the pool
+  const int64_t planes = g.group * g.cin_per_group;
+  const int64_t tasks = std::min(planes, 4 * PoolWorkers());
+  ParallelFor(ctx, tasks, [&](int64_t t) {
+    for (int64_t gc = planes * t / tasks; gc < planes * (t + 1) / tasks; ++gc) {
+      float* row = cols.data() + (gc / g.cin_per_group * w.cols + gc % g.cin_per_group * taps) * ld;
+      for (int64_t tap = 0; tap < taps; ++tap, row += ld) {
+        GatherColumns(x + gc * in_plane, from.data() + tap * kLaneColumns, ld, row);
+      }
+    }
+  });
+  if (lanes) {
+    RunLaneGemm(ConvGemmSpec(w, g, cols.data(), w.cols * ld, bias, z, act, y), columns, ctx);
+    return;
+  }
   std::vector<int64_t> offsets(static_cast<size_t>(w.cols));
   for (int64_t k = 0; k < w.cols; ++k) offsets[k] = k * columns;
   std::vector<PixelTile> tiles;
@@ -216,32 +260,7 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
     tiles.push_back({at, at, length});
     at += length;
   }
-  // input channels (of all groups) split over the pool
-  const int64_t planes = g.group * g.cin_per_group;
-  const int64_t tasks = std::min(planes, 4 * PoolWorkers());
-  ParallelFor(ctx, tasks, [&](int64_t t) {
-    for (int64_t gc = planes * t / tasks; gc < planes * (t + 1) / tasks; ++gc) {
-      const int64_t grp = gc / g.cin_per_group, c = gc % g.cin_per_group;
-      float* b = cols.data() + grp * w.cols * columns;
-      for (int64_t i = 0; i < g.kh; ++i) {
-        for (int64_t j = 0; j < g.kw; ++j) {
-          float* row = b + ((c * g.kh + i) * g.kw + j) * columns;
-          // output column ow reads input column ow * sw + first, inside for [lo, hi)
-          const int64_t first = j * g.dw - g.pad_left;
-          const auto [lo, hi] = InsideColumns(first, g.sw, g.width, g.out_w);
-          for (int64_t n = 0; n < g.batch; ++n) {
-            const float* plane = x + (n * g.channels + grp * g.cin_per_group + c) * g.height * g.width;
-            for (int64_t oh = 0; oh < g.out_h; ++oh) {
-              const int64_t ih = oh * g.sh - g.pad_top + i * g.dh;
-              PaddedRow(ih >= 0 && ih < g.height ? plane + ih * g.width + first : nullptr, lo, hi, g.sw, g.out_w,
-                        row + n * P + oh * g.out_w);
-            }
-          }
-        }
-      }
-    }
-  });
-  ConvPixelGemm(w, g, cols.data(), w.cols * columns, offsets.data(), tiles, bias, z, act, y, ctx);
+  ConvPixelGemm(w, g, cols.data(), w.cols * ld, offsets.data(), tiles, bias, z, act, y, ctx);
 }
 
 // Implicit-GEMM convolution without im2col.  The batch is copied once, zero-padded
@@ -594,9 +613,10 @@ void ConvKernel::Compute(OrtKernelContext* context) {
   const int64_t columns = g.batch * P;
   if (columns <= kFewColumns) {
     // (an explicit im2col for the pixel path measured slower than the phase grid on
-    // larger grids, even where the grid's rows are short)
-    HasPixelGemm() ? Im2colPixelConv(weight_, g, x, bias, z, act_, y, context)
-                   : FewColumnsConv(weight_, g, x, bias, z, act_, y, context);
+    // larger grids, even where the grid's rows are short; its gather offsets are int32)
+    const bool small_input = g.batch * g.channels * g.height * g.width <= INT32_MAX;
+    HasPixelGemm() && small_input ? Im2colPixelConv(weight_, g, x, bias, z, act_, y, context)
+                                  : FewColumnsConv(weight_, g, x, bias, z, act_, y, context);
     return;
   }
   PhaseGemmConv(weight_, g, x, bias, z, act_, y, context);

@@ -59,6 +59,18 @@ bool DetectAvx512() {
 
 const bool g_avx512 = DetectAvx512();
 
+// ONNX_CODEBOOK_NO_VBMI=1 keeps the PDEP index decoding (for testing it).
+bool DetectVbmi() {
+  if (!g_avx512 || EnvIs("ONNX_CODEBOOK_NO_VBMI", "1")) return false;
+#if ONNX_CODEBOOK_X86
+  return __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
+const bool g_vbmi = DetectVbmi();
+
 // ONNX_CODEBOOK_PIXEL_GEMM=0 keeps every convolution off the pixel-major GEMM, =1 sends
 // every one it can take there (for testing both); read once, like the flags above.
 const bool g_pixel_gemm = g_avx512 && !EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "0");
@@ -327,6 +339,7 @@ AVX512_TARGET inline __m512 SplitLoad(const float* p, int64_t jump, __mmask16 ne
 // b + k * kNR.  kRowsA: A holds rows, row i at a + i * kKC (see PackWeightRows),
 // instead of panels of [kc][kMR].
 constexpr int64_t kPrefetchRows = 16;
+
 
 template <int R, bool kDirect = false, bool kRowsA = false>
 AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b, float* tile, const TileStore& st,
@@ -650,6 +663,13 @@ AVX512_TARGET void GatherStride2Avx512(float* dst, const float* src, int64_t lo,
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // r[i][j] -> r[j][i] for a 16 x 16 block of floats in 16 registers.
+AVX512_TARGET void GatherColumnsAvx512(const float* src, const int32_t* offsets, int64_t n, float* dst) {
+  const __m512i at = _mm512_loadu_si512(offsets);
+  const __mmask16 live = _mm512_cmpge_epi32_mask(at, _mm512_setzero_si512()) & static_cast<__mmask16>((1u << n) - 1u);
+  const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, at, src, 4);
+  _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << n) - 1u), v);
+}
+
 AVX512_TARGET inline void Transpose16x16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
@@ -846,39 +866,88 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on AVX-512 intrinsics' pass-through operands
 
+// Decoding 16 indices of at most 4 bits with one permute of the row's codebook
+// register.  Without VBMI the indices are spread to bytes with two PDEPs; with VBMI
+// one multishift (inline assembly, so that the rest of the AVX-512 code does not
+// require VBMI) moves index i to the low bits of lane i, and the stray higher bits
+// of the lane select a copy of the same entry: the register repeats its first
+// 2^bits entries.
+struct Decode16Params {
+  int64_t bits;
+  uint64_t lane_mask;  // PDEP mask
+  __m512i control;     // multishift selectors: byte 4i (lane i's low byte) = i * bits
+};
+
+// Multishift selectors per bit width (1..4): byte 4i = i * bits.
+struct alignas(64) MultishiftControl {
+  uint8_t bytes[64];
+};
+constexpr MultishiftControl MakeMultishiftControl(int bits) {
+  MultishiftControl c{};
+  for (int i = 0; i < 16; ++i) c.bytes[4 * i] = static_cast<uint8_t>(i * bits);
+  return c;
+}
+constexpr MultishiftControl kMultishiftControl[5] = {MakeMultishiftControl(0), MakeMultishiftControl(1),
+                                                     MakeMultishiftControl(2), MakeMultishiftControl(3),
+                                                     MakeMultishiftControl(4)};
+
+AVX512_TARGET inline Decode16Params MakeDecode16Params(int64_t bits) {
+  return {bits, ByteLaneMask(static_cast<int>(bits)), _mm512_load_si512(kMultishiftControl[bits].bytes)};
+}
+
 // The row's codebook in one register (entries past lut_stride are zero, not read).
+template <bool kVbmi>
 AVX512_TARGET inline __m512 Lut16(const CodebookWeight& w, int64_t r) {
-  return _mm512_maskz_loadu_ps(static_cast<__mmask16>(w.lut_stride >= 16 ? 0xFFFFu : (1u << w.lut_stride) - 1u),
-                               w.Lut(r));
+  const __m512 lut = _mm512_maskz_loadu_ps(
+      static_cast<__mmask16>(w.lut_stride >= 16 ? 0xFFFFu : (1u << w.lut_stride) - 1u), w.Lut(r));
+  if (!kVbmi || w.bits >= 4) return lut;
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  return _mm512_permutexvar_ps(_mm512_and_si512(lanes, _mm512_set1_epi32((1 << w.bits) - 1)), lut);
 }
 
-// Sixteen decoded weights from the two 8-index blocks at p and p + bits.  Reads 8
-// bytes at each (the index buffer ends with 8 spare bytes); the spread indices are
-// < 16, so every one selects a lane of the codebook register.
-AVX512_TARGET inline __m512 Decode16(const uint8_t* p, int64_t bits, uint64_t lane_mask, __m512 lut) {
-  uint64_t a, b;
-  std::memcpy(&a, p, 8);
-  std::memcpy(&b, p + bits, 8);
-  const __m128i bytes = _mm_set_epi64x(static_cast<long long>(_pdep_u64(b, lane_mask)),
-                                       static_cast<long long>(_pdep_u64(a, lane_mask)));
-  return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(bytes), lut);
+// Sixteen decoded weights from the 16 indices in the 2 * bits bytes at p.  Reads 8
+// bytes (the index buffer ends with 8 spare bytes); every spread index is < 16, so
+// it selects a lane of the codebook register.
+template <bool kVbmi>
+AVX512_TARGET inline __m512 Decode16(const uint8_t* p, const Decode16Params& d, __m512 lut) {
+  if constexpr (kVbmi) {
+    __m512i spread;
+    __asm__("vpmultishiftqb %1%{1to8%}, %2, %0"
+            : "=v"(spread)
+            : "m"(*reinterpret_cast<const uint64_t*>(p)), "v"(d.control));
+    return _mm512_permutexvar_ps(spread, lut);
+  } else {
+    uint64_t a, b;
+    std::memcpy(&a, p, 8);
+    std::memcpy(&b, p + d.bits, 8);
+    const __m128i bytes = _mm_set_epi64x(static_cast<long long>(_pdep_u64(b, d.lane_mask)),
+                                         static_cast<long long>(_pdep_u64(a, d.lane_mask)));
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(bytes), lut);
+  }
 }
 
-AVX512_TARGET void DecodeRowAvx512(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, float* out) {
-  const uint8_t* row = w.Row(r) + k0 / 8 * w.bits;
-  const __m512 lut = Lut16(w, r);
-  const uint64_t mask = ByteLaneMask(w.bits);
-  int64_t c = 0;
-  for (; c + 16 <= count; c += 16, row += 2 * w.bits) _mm512_storeu_ps(out + c, Decode16(row, w.bits, mask, lut));
-  // out has room for count rounded up to 8
-  if (c < count) _mm512_mask_storeu_ps(out + c, count - c > 8 ? 0xFFFF : 0x00FF, Decode16(row, w.bits, mask, lut));
+// Rows [r0, r0 + n), entries [k0, k0 + count): row r - r0 at out + (r - r0) * ld.
+template <bool kVbmi>
+AVX512_TARGET void DecodeRowsAvx512(const CodebookWeight& w, int64_t r0, int64_t n, int64_t k0, int64_t count,
+                                    float* out, int64_t ld) {
+  const Decode16Params d = MakeDecode16Params(w.bits);
+  const int64_t step = 2 * w.bits;
+  for (int64_t r = r0; r < r0 + n; ++r, out += ld) {
+    const uint8_t* row = w.Row(r) + k0 / 8 * w.bits;
+    const __m512 lut = Lut16<kVbmi>(w, r);
+    int64_t c = 0;
+    for (; c + 16 <= count; c += 16, row += step) _mm512_storeu_ps(out + c, Decode16<kVbmi>(row, d, lut));
+    // out has room for count rounded up to 8
+    if (c < count) _mm512_mask_storeu_ps(out + c, count - c > 8 ? 0xFFFF : 0x00FF, Decode16<kVbmi>(row, d, lut));
+  }
 }
 
 // PackWeightPanels for a width that is a multiple of 16: rows decoded 16 at a time
 // and transposed in registers into [k][width] (nothing written past row kc).
+template <bool kVbmi>
 AVX512_TARGET void PackWeightPanelsAvx512(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0,
                                           int64_t kc, int64_t width, float* dst) {
-  const uint64_t mask = ByteLaneMask(w.bits);
+  const Decode16Params d = MakeDecode16Params(w.bits);
   __m512 v[16], lut[16];
   const uint8_t* rows[16];
   for (int64_t p = 0; p * width < n; ++p) {
@@ -893,11 +962,11 @@ AVX512_TARGET void PackWeightPanelsAvx512(const CodebookWeight& w, int64_t row0,
       for (int64_t i = 0; i < 16; ++i) {
         const int64_t r = row0 + i0 + p * width + half + std::min(i, here - 1);
         rows[i] = w.Row(r) + k0 / 8 * w.bits;
-        lut[i] = i < here ? Lut16(w, r) : _mm512_setzero_ps();  // rows past n decode to 0
+        lut[i] = i < here ? Lut16<kVbmi>(w, r) : _mm512_setzero_ps();  // rows past n decode to 0
       }
       for (int64_t kb = 0; kb < kc; kb += 16) {
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) v[i] = Decode16(rows[i] + kb / 8 * w.bits, w.bits, mask, lut[i]);
+        for (int i = 0; i < 16; ++i) v[i] = Decode16<kVbmi>(rows[i] + kb / 8 * w.bits, d, lut[i]);
         Transpose16x16(v);  // v[j]: the 16 rows at k = kb + j
         const int64_t ks = std::min<int64_t>(16, kc - kb);
         float* out = panel + kb * width + half;
@@ -912,32 +981,32 @@ AVX512_TARGET void PackWeightPanelsAvx512(const CodebookWeight& w, int64_t row0,
 }
 
 // RowsTimesWeight with 16 weights per step: M activation rows, U accumulators each.
-template <int M, int U>
+template <bool kVbmi, int M, int U>
 AVX512_TARGET void RowsTimesWeightAvx512(const CodebookWeight& w, const float* a, int64_t lda, int64_t r0, int64_t r1,
                                          float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
-  const uint64_t mask = ByteLaneMask(w.bits);
+  const Decode16Params d = MakeDecode16Params(w.bits);
   const int64_t blocks = w.cols_padded / 16;
   const bool tail = w.cols_padded % 16 != 0;  // a last block of 8
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.Row(r);
-    const __m512 lut = Lut16(w, r);
+    const __m512 lut = Lut16<kVbmi>(w, r);
     __m512 acc[M][U];
     for (int m = 0; m < M; ++m)
       for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
     int64_t b = 0;
     for (; b + U <= blocks; b += U) {
       for (int u = 0; u < U; ++u) {
-        const __m512 wv = Decode16(row + (b + u) * 2 * w.bits, w.bits, mask, lut);
+        const __m512 wv = Decode16<kVbmi>(row + (b + u) * 2 * w.bits, d, lut);
         for (int m = 0; m < M; ++m)
           acc[m][u] = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + (b + u) * 16), wv, acc[m][u]);
       }
     }
     for (; b < blocks; ++b) {
-      const __m512 wv = Decode16(row + b * 2 * w.bits, w.bits, mask, lut);
+      const __m512 wv = Decode16<kVbmi>(row + b * 2 * w.bits, d, lut);
       for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + b * 16), wv, acc[m][0]);
     }
     if (tail) {
-      const __m512 wv = Decode16(row + blocks * 2 * w.bits, w.bits, mask, lut);
+      const __m512 wv = Decode16<kVbmi>(row + blocks * 2 * w.bits, d, lut);
       for (int m = 0; m < M; ++m)
         acc[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(0x00FF, a + m * lda + blocks * 16), wv, acc[m][0]);
     }
@@ -950,17 +1019,18 @@ AVX512_TARGET void RowsTimesWeightAvx512(const CodebookWeight& w, const float* a
   }
 }
 
+template <bool kVbmi>
 void RowsTimesWeightAvx512Dispatch(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0,
                                    int64_t r1, float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
   switch (rows_a) {
-    case 1: return RowsTimesWeightAvx512<1, 4>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 2: return RowsTimesWeightAvx512<2, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 3: return RowsTimesWeightAvx512<3, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 4: return RowsTimesWeightAvx512<4, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 5: return RowsTimesWeightAvx512<5, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 6: return RowsTimesWeightAvx512<6, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 7: return RowsTimesWeightAvx512<7, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    default: return RowsTimesWeightAvx512<8, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 1: return RowsTimesWeightAvx512<kVbmi, 1, 4>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 2: return RowsTimesWeightAvx512<kVbmi, 2, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 3: return RowsTimesWeightAvx512<kVbmi, 3, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 4: return RowsTimesWeightAvx512<kVbmi, 4, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 5: return RowsTimesWeightAvx512<kVbmi, 5, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 6: return RowsTimesWeightAvx512<kVbmi, 6, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 7: return RowsTimesWeightAvx512<kVbmi, 7, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    default: return RowsTimesWeightAvx512<kVbmi, 8, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
   }
 }
 #pragma GCC diagnostic pop
@@ -1015,8 +1085,54 @@ AVX512_TARGET void PixelKernelDispatch(int64_t r, int64_t kc, const float* b, co
   }
 }
 
+// ------------------------------------------------------- lane GEMM (AVX-512)
+
+// R output channels x 16 columns (the vector lanes): out[i * 16 + j] (+)= sum_k
+// rows[i * kKC + k] * b[k * 16 + j].  The weights are decoded as rows and broadcast
+// one at a time, so nothing is transposed.
+template <int R>
+AVX512_TARGET void LaneKernel(int64_t kc, const float* b, const float* rows, float* out, bool accumulate) {
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = accumulate ? _mm512_loadu_ps(out + i * 16) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 bk = _mm512_loadu_ps(b + k * 16);
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(rows[i * kKC + k]), bk, acc[i]);
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(out + i * 16, acc[i]);
+}
+
+template <int... R>
+AVX512_TARGET void LaneKernelDispatch(int64_t r, int64_t kc, const float* b, const float* rows, float* out,
+                                      bool accumulate, std::integer_sequence<int, R...>) {
+  using Fn = void (*)(int64_t, const float*, const float*, float*, bool);
+  static constexpr Fn kernels[] = {&LaneKernel<R + 1>...};
+  kernels[r - 1](kc, b, rows, out, accumulate);
+}
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// C(row0 + i, col) = act(acc[i * 16 + col] + bias + add) for i < rows, col < columns:
+// column col of C is lane col; the lanes of one image are packed down and stored.
+AVX512_TARGET void StoreLaneRows(const PixelGemmSpec& s, const float* acc, int64_t row0, int64_t rows,
+                                 int64_t columns) {
+  const __m512 lo = _mm512_set1_ps(s.act.lo), hi = _mm512_set1_ps(s.act.hi);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = row0 + i;
+    __m512 v = _mm512_loadu_ps(acc + i * 16);
+    if (s.bias) v = _mm512_add_ps(v, _mm512_set1_ps(s.bias[row]));
+    for (int64_t col = 0; col < columns;) {
+      const int64_t within = col % s.col_div, n = std::min(columns - col, s.col_div - within);
+      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+      const int64_t at = row * s.row_stride + (col / s.col_div) * s.col_outer + within;
+      __m512 o = _mm512_maskz_compress_ps(static_cast<__mmask16>(mask << col), v);
+      if (s.add) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, s.add + at));
+      if (s.act.clamp) o = _mm512_min_ps(hi, _mm512_max_ps(lo, o));
+      _mm512_mask_storeu_ps(s.c + at, mask, o);
+      col += n;
+    }
+  }
+}
+
 // C(i0 + j, col) = act(acc[(col - col0) * 32 + j] + bias + add) for j < rows and col in
 // [col0, col1): 16 columns of one image by 16 channels at a time, transposed in registers.
 AVX512_TARGET void StorePixelBlock(const PixelGemmSpec& s, const float* acc, int64_t i0, int64_t rows, int64_t col0,
@@ -1100,7 +1216,10 @@ bool UsesAvx512() { return g_avx512; }
 
 void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, float* out) {
 #if ONNX_CODEBOOK_X86
-  if (g_avx512 && w.bits <= 4) return DecodeRowAvx512(w, r, k0, count, out);
+  if (g_avx512 && w.bits <= 4) {
+    return g_vbmi ? DecodeRowsAvx512<true>(w, r, 1, k0, count, out, 0)
+                  : DecodeRowsAvx512<false>(w, r, 1, k0, count, out, 0);
+  }
   if (g_avx2) {
     switch (KindOf(w)) {
       case LutKind::kPermute8: return DecodeRowAvx2<LutKind::kPermute8>(w, r, k0, count, out);
@@ -1115,7 +1234,10 @@ void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, fl
 void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc,
                       int64_t width, float* dst) {
 #if ONNX_CODEBOOK_X86
-  if (g_avx512 && w.bits <= 4 && width % 16 == 0) return PackWeightPanelsAvx512(w, row0, i0, n, k0, kc, width, dst);
+  if (g_avx512 && w.bits <= 4 && width % 16 == 0) {
+    return g_vbmi ? PackWeightPanelsAvx512<true>(w, row0, i0, n, k0, kc, width, dst)
+                  : PackWeightPanelsAvx512<false>(w, row0, i0, n, k0, kc, width, dst);
+  }
   if (g_avx2 && (width == 6 || width % 8 == 0)) {
     switch (KindOf(w)) {
       case LutKind::kPermute8: return PackWeightPanelsAvx2<LutKind::kPermute8>(w, row0, i0, n, k0, kc, width, dst);
@@ -1140,6 +1262,12 @@ void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t
 }
 
 void PackWeightRows(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc, float* dst) {
+#if ONNX_CODEBOOK_X86
+  if (g_avx512 && w.bits <= 4) {
+    return g_vbmi ? DecodeRowsAvx512<true>(w, row0 + i0, n, k0, kc, dst, kKC)
+                  : DecodeRowsAvx512<false>(w, row0 + i0, n, k0, kc, dst, kKC);
+  }
+#endif
   for (int64_t r = 0; r < n; ++r) DecodeRow(w, row0 + i0 + r, k0, kc, dst + r * kKC);
 }
 
@@ -1149,7 +1277,8 @@ void RowsTimesWeight(const CodebookWeight& w, const float* a, int64_t lda, int64
   // 16 weights per decode pays off where decoding dominates (one or two rows of A);
   // with more rows the AVX2 kernel measured faster.
   if (g_avx512 && w.bits <= 4 && rows_a <= 2) {
-    return RowsTimesWeightAvx512Dispatch(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act);
+    return g_vbmi ? RowsTimesWeightAvx512Dispatch<true>(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act)
+                  : RowsTimesWeightAvx512Dispatch<false>(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act);
   }
   if (g_avx2) {
     switch (KindOf(w)) {
@@ -1428,6 +1557,33 @@ void RunPixelGemm(const PixelGemmSpec& s, const OrtKernelContext* ctx) {
 #endif
 }
 
+void RunLaneGemm(const PixelGemmSpec& s, int64_t columns, const OrtKernelContext* ctx) {
+#if ONNX_CODEBOOK_X86
+  if (!g_avx512) throw std::logic_error("RunLaneGemm needs AVX-512");
+  if (columns < 1 || columns > kLaneColumns) throw std::logic_error("RunLaneGemm: " + std::to_string(columns) + " columns");
+  if (s.M <= 0) return;
+  const int64_t blocks = (s.M + kLaneRows - 1) / kLaneRows;
+  ParallelFor(ctx, s.groups * blocks, [&](int64_t task) {
+    thread_local std::vector<float> rows_buf, acc_buf;
+    const int64_t grp = task / blocks, i0 = task % blocks * kLaneRows;
+    const int64_t rows = std::min<int64_t>(kLaneRows, s.M - i0);
+    const float* b = s.b + grp * s.group_b;
+    float* wrows = Scratch(rows_buf, static_cast<size_t>(kLaneRows * kKC));
+    float* acc = Scratch(acc_buf, static_cast<size_t>(kLaneRows * 16));
+    for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, s.K - k0);
+      PackWeightRows(*s.w, s.row0 + grp * s.M, i0, rows, k0, kc, wrows);
+      LaneKernelDispatch(rows, kc, b + k0 * 16, wrows, acc, k0 > 0,
+                         std::make_integer_sequence<int, static_cast<int>(kLaneRows)>{});
+    }
+    StoreLaneRows(s, acc, grp * s.M + i0, rows, columns);
+  });
+#else
+  (void)s, (void)columns, (void)ctx;
+  throw std::logic_error("RunLaneGemm needs AVX-512");
+#endif
+}
+
 DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                             int64_t dh, int64_t dw, int64_t pad_top, int64_t pad_left, int64_t out_h,
                             int64_t out_w) {
@@ -1443,6 +1599,13 @@ DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t k
     }
   }
   return d;
+}
+
+void GatherColumns(const float* src, const int32_t* offsets, int64_t n, float* dst) {
+#if ONNX_CODEBOOK_X86
+  if (g_avx512) return GatherColumnsAvx512(src, offsets, n, dst);
+#endif
+  for (int64_t j = 0; j < n; ++j) dst[j] = offsets[j] >= 0 ? src[offsets[j]] : 0.f;
 }
 
 void PaddedRow(const float* src, int64_t lo, int64_t hi, int64_t stride, int64_t n, float* dst) {

@@ -105,6 +105,14 @@ bool HasPixelGemm();
 bool ForcePixelGemm();
 void RunPixelGemm(const PixelGemmSpec& spec, const OrtKernelContext* ctx);
 
+// GEMM with at most kLaneColumns columns as the vector lanes (AVX-512 only): the C of
+// RunPixelGemm, with B dense: B(k, j) = b[k * 16 + j] for j < columns (b_offsets and
+// tiles unused).  The weights are decoded as rows and broadcast, nothing is transposed:
+// on few columns that costs less than the pixel-major GEMM's transposed panels.
+inline constexpr int64_t kLaneColumns = 16;
+inline constexpr int64_t kLaneRows = 16;  // output channels per task
+void RunLaneGemm(const PixelGemmSpec& spec, int64_t columns, const OrtKernelContext* ctx);
+
 // The columns t in [0, n) whose source column t * stride + first lies in [0, width):
 // [lo, hi), for PaddedRow.
 struct ColumnRange {
@@ -119,6 +127,10 @@ inline ColumnRange InsideColumns(int64_t first, int64_t stride, int64_t width, i
 // One zero-padded row: dst[t] = src[t * stride] for lo <= t < hi, 0 elsewhere in
 // [0, n); src null: all zeros.
 void PaddedRow(const float* src, int64_t lo, int64_t hi, int64_t stride, int64_t n, float* dst);
+
+// dst[j] = src[offsets[j]] for j < n (<= 16), 0 where offsets[j] < 0; offsets holds
+// 16 entries.
+void GatherColumns(const float* src, const int32_t* offsets, int64_t n, float* dst);
 
 // Geometry of a depthwise convolution of one plane.
 struct DepthwisePlan {
