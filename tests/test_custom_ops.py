@@ -546,6 +546,52 @@ def test_bad_conv_index_fails_cleanly(wshape):
         run(model, {"x": np.ones(x_shape, np.float32)})
 
 
+def inferred_shape(node, inputs, inits):
+    """The output shape onnxruntime infers for `node` (output y declared without one)."""
+    model = make_model([node], inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+                       fused=True)
+    sess = ort.InferenceSession(model.SerializeToString(), ops.session_options(True, 1),
+                                providers=["CPUExecutionProvider"])
+    return sess.get_outputs()[0].shape
+
+
+def test_output_shapes_are_inferred():
+    # onnxruntime's layout passes need the shapes after our ops (its NCHWc MaxPool
+    # needs the channel count): symbolic dims pass through, spatial sizes follow the
+    # Conv attributes, unknown stays unknown.
+    rng = np.random.default_rng(5)
+    codebook, indices, _ = random_weight(rng, [6, 2, 3, 2], 0, 4, 1)
+    inits = codebook_inits(codebook, indices, 4)
+    conv = helper.make_node(schema.CODEBOOK_CONV, ["x", "w.indices", "w.codebook"], ["y"], domain=schema.DOMAIN,
+                            strides=[2, 1], pads=[1, 0, 1, 1], dilations=[1, 2], group=2, **fused_attrs(4, [6, 2, 3, 2], 1))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 9, None])
+    shape = inferred_shape(conv, [x], inits)
+    assert shape[:3] == ["n", 6, 5] and isinstance(shape[3], str) and shape[3] != "n"  # unknown, named
+    same = helper.make_node(schema.CODEBOOK_CONV, ["x", "w.indices", "w.codebook"], ["y"], domain=schema.DOMAIN,
+                            strides=[2, 3], auto_pad="SAME_UPPER", group=2, **fused_attrs(4, [6, 2, 3, 2], 1))
+    assert inferred_shape(same, [tensor_info("x", (1, 4, 9, 10))], inits) == [1, 6, 5, 4]
+    # width 1 padded to 2 is narrower than the dilated kernel (3): that size stays
+    # unknown, the run reports it
+    small = [tensor_info("x", (1, 4, 1, 1))]
+    shape = inferred_shape(conv, small, inits)
+    assert shape[:3] == [1, 6, 1] and isinstance(shape[3], str)
+    model = make_model([conv], small, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits, fused=True)
+    with pytest.raises(Exception, match="smaller than the dilated kernel"):
+        run(model, {"x": np.ones((1, 4, 1, 1), np.float32)})
+
+    codebook, indices, _ = random_weight(rng, [5, 7], 0, 3, 1)
+    inits = codebook_inits(codebook, indices, 3)
+    gemm = helper.make_node(schema.CODEBOOK_GEMM, ["a", "w.indices", "w.codebook"], ["y"], domain=schema.DOMAIN,
+                            transA=1, transB=1, **fused_attrs(3, [5, 7], 1))
+    assert inferred_shape(gemm, [helper.make_tensor_value_info("a", TensorProto.FLOAT, [7, "m"])], inits) == ["m", 5]
+    codebook, indices, _ = random_weight(rng, [5, 7], 1, 3, 1)
+    inits = codebook_inits(codebook, indices, 3)
+    matmul = helper.make_node(schema.CODEBOOK_MATMUL, ["a", "w.indices", "w.codebook"], ["y"], domain=schema.DOMAIN,
+                              **fused_attrs(3, [5, 7], 1))
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", 3, 5])
+    assert inferred_shape(matmul, [a], inits) == ["b", 3, 7]
+
+
 def test_session_helper_registers_library():
     rng = np.random.default_rng(3)
     codebook, indices, weight = random_weight(rng, [8, 4], 1, 3, 1)

@@ -26,18 +26,6 @@
 
 namespace onnx_codebook {
 
-namespace {
-
-// Geometry of one Conv call, normalised to two spatial axes (1-D uses H = 1).
-struct ConvGeometry {
-  int64_t batch = 0, channels = 0, height = 1, width = 0;
-  int64_t out_channels = 0, group = 1, cin_per_group = 0, cout_per_group = 0;
-  int64_t kh = 1, kw = 1, sh = 1, sw = 1, dh = 1, dw = 1;
-  int64_t pad_top = 0, pad_left = 0;
-  int64_t out_h = 1, out_w = 0;
-};
-
-// Output size and leading pad of one spatial axis.
 void ResolveAxis(const std::string& op, const std::string& auto_pad, int64_t in, int64_t kernel, int64_t stride,
                  int64_t dilation, int64_t pad_begin, int64_t pad_end, int64_t* out, int64_t* lead) {
   const int64_t span = (kernel - 1) * dilation + 1;
@@ -56,6 +44,17 @@ void ResolveAxis(const std::string& op, const std::string& auto_pad, int64_t in,
   *out = (padded - span) / stride + 1;
   *lead = pad_begin;
 }
+
+namespace {
+
+// Geometry of one Conv call, normalised to two spatial axes (1-D uses H = 1).
+struct ConvGeometry {
+  int64_t batch = 0, channels = 0, height = 1, width = 0;
+  int64_t out_channels = 0, group = 1, cin_per_group = 0, cout_per_group = 0;
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, dh = 1, dw = 1;
+  int64_t pad_top = 0, pad_left = 0;
+  int64_t out_h = 1, out_w = 0;
+};
 
 // Output planes up to this size run depthwise 16 channels at a time.
 constexpr int64_t kSmallPlane = 1024;

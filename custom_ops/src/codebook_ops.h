@@ -12,6 +12,16 @@ inline constexpr const char* kConvName = "CodebookConv";
 inline constexpr const char* kGemmName = "CodebookGemm";
 inline constexpr const char* kMatMulName = "CodebookMatMul";
 
+// Output size and leading pad of one spatial axis of a convolution; fails when the
+// padded input is smaller than the dilated kernel.
+void ResolveAxis(const std::string& op, const std::string& auto_pad, int64_t in, int64_t kernel, int64_t stride,
+                 int64_t dilation, int64_t pad_begin, int64_t pad_end, int64_t* out, int64_t* lead);
+
+// Output shape inference for onnxruntime (shape_infer.cc).
+OrtStatusPtr ORT_API_CALL InferConvShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) noexcept;
+OrtStatusPtr ORT_API_CALL InferGemmShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) noexcept;
+OrtStatusPtr ORT_API_CALL InferMatMulShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) noexcept;
+
 // y[M, N] = act(y + alpha * op(A) * W^T) for the codebook weight W (N rows of K entries).
 void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans_a, float alpha, const Epilogue& act,
                   float* y, const OrtKernelContext* ctx);
@@ -65,6 +75,7 @@ struct CodebookOpBase : Ort::CustomOpBase<Derived, Kernel, /*WithStatus=*/true> 
 
 struct CodebookConvOp : CodebookOpBase<CodebookConvOp, ConvKernel> {
   static constexpr size_t kInputs = 5;
+  CodebookConvOp() { InferOutputShapeFn = &InferConvShape; }
   const char* GetName() const { return kConvName; }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
     return GuardStatus(kConvName, [&] { *kernel = new ConvKernel(info); });
@@ -73,6 +84,7 @@ struct CodebookConvOp : CodebookOpBase<CodebookConvOp, ConvKernel> {
 
 struct CodebookGemmOp : CodebookOpBase<CodebookGemmOp, GemmKernel> {
   static constexpr size_t kInputs = 4;
+  CodebookGemmOp() { InferOutputShapeFn = &InferGemmShape; }
   const char* GetName() const { return kGemmName; }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
     return GuardStatus(kGemmName, [&] { *kernel = new GemmKernel(info, false); });
@@ -81,6 +93,7 @@ struct CodebookGemmOp : CodebookOpBase<CodebookGemmOp, GemmKernel> {
 
 struct CodebookMatMulOp : CodebookOpBase<CodebookMatMulOp, GemmKernel> {
   static constexpr size_t kInputs = 3;
+  CodebookMatMulOp() { InferOutputShapeFn = &InferMatMulShape; }
   const char* GetName() const { return kMatMulName; }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
     return GuardStatus(kMatMulName, [&] { *kernel = new GemmKernel(info, true); });
