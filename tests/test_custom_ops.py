@@ -294,6 +294,21 @@ def test_conv_few_columns(size, kernel, stride, pads, batch, group, bits):
               threads=2, size=size)
 
 
+@pytest.mark.parametrize(
+    "size, kernel, stride, pads, batch, group, bits",
+    [([2, 2], [3, 3], [1, 1], [1] * 4, 8, 1, 4), ([5, 5], [3, 3], [2, 2], [1] * 4, 3, 2, 3),
+     ([1, 1], [1, 1], [1, 1], [0] * 4, 20, 1, 2), ([3], [3], [1], [1, 1], 7, 1, 4)],
+)
+def test_conv_short_rows(size, kernel, stride, pads, batch, group, bits):
+    # More than 16 columns, output rows of at most 3 pixels (2x2, 3x3 from stride 2, a
+    # 1x1 plane, 1-D of 3): with AVX-512 an explicit im2col across images feeds
+    # pixel-major tiles of up to 12 columns instead of one tile per output row.
+    conv_case(np.random.default_rng(batch + bits), spatial=len(size), batch=batch, cin=group * 40,
+              cout=70 * group, group=group, kernel=kernel, stride=stride, dilation=[1] * len(size), pads=pads,
+              auto_pad="NOTSET", bits=bits, group_size=1, bias=True, activation="Relu", residual=True, threads=2,
+              size=size)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_conv_many_groups(threads, batch):

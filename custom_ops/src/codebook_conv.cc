@@ -223,14 +223,15 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
   // where column j of tap (i, j) reads, from the first input channel of the batch's
   // first image; -1: padding
   const int64_t taps = g.kh * g.kw, in_plane = g.height * g.width;
-  std::vector<int32_t> from(static_cast<size_t>(taps * kLaneColumns), -1);
+  const int64_t span = (ld + 15) / 16 * 16;  // table entries per tap
+  std::vector<int32_t> from(static_cast<size_t>(taps * span), -1);
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) {
       for (int64_t col = 0; col < columns; ++col) {
         const int64_t n = col / P, oh = col % P / g.out_w, ow = col % g.out_w;
         const int64_t ih = oh * g.sh - g.pad_top + i * g.dh, iw = ow * g.sw - g.pad_left + j * g.dw;
         if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
-          from[(i * g.kw + j) * kLaneColumns + col] = static_cast<int32_t>(n * g.channels * in_plane + ih * g.width + iw);
+          from[(i * g.kw + j) * span + col] = static_cast<int32_t>(n * g.channels * in_plane + ih * g.width + iw);
         }
       }
     }
@@ -242,7 +243,9 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
     for (int64_t gc = planes * t / tasks; gc < planes * (t + 1) / tasks; ++gc) {
       float* row = cols.data() + (gc / g.cin_per_group * w.cols + gc % g.cin_per_group * taps) * ld;
       for (int64_t tap = 0; tap < taps; ++tap, row += ld) {
-        GatherColumns(x + gc * in_plane, from.data() + tap * kLaneColumns, ld, row);
+        for (int64_t at = 0; at < ld; at += 16) {
+          GatherColumns(x + gc * in_plane, from.data() + tap * span + at, std::min<int64_t>(16, ld - at), row + at);
+        }
       }
     }
   });
@@ -610,12 +613,21 @@ void ConvKernel::Compute(OrtKernelContext* context) {
     return;
   }
   const int64_t columns = g.batch * P;
+  // the explicit im2col's gather offsets are int32
+  const bool small_input = g.batch * g.channels * g.height * g.width <= INT32_MAX;
   if (columns <= kFewColumns) {
-    // (an explicit im2col for the pixel path measured slower than the phase grid on
-    // larger grids, even where the grid's rows are short; its gather offsets are int32)
-    const bool small_input = g.batch * g.channels * g.height * g.width <= INT32_MAX;
     HasPixelGemm() && small_input ? Im2colPixelConv(weight_, g, x, bias, z, act_, y, context)
                                   : FewColumnsConv(weight_, g, x, bias, z, act_, y, context);
+    return;
+  }
+  // The phase grid's pixel-major tiles are runs of one output row (of one image when
+  // the grid has no junk columns, i.e. the kernel span fits the stride).  Runs of at
+  // most 3 pixels are worth an explicit im2col, whose tiles cross rows and images:
+  // 512 -> 512 3x3 on 2x2, batch 8: 2.34 -> 1.85 ms, on 3x3: 1.17 -> 0.95 ms.  With
+  // runs of 4 it measured slower (and much slower on larger grids).
+  const int64_t run = (g.kw - 1) * g.dw + 1 <= g.sw ? P : g.out_w;
+  if (HasPixelGemm() && small_input && run <= 3 && g.group * weight_.cols * columns <= kGridFloats) {
+    Im2colPixelConv(weight_, g, x, bias, z, act_, y, context);
     return;
   }
   PhaseGemmConv(weight_, g, x, bias, z, act_, y, context);
