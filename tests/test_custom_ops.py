@@ -444,6 +444,15 @@ def test_gemm_every_bits(bits, M):
               alpha=1.0, beta=1.0, c_shape=(70,), bits=bits, group_size=3, threads=2)
 
 
+@pytest.mark.parametrize("M", range(1, 9))
+def test_gemm_few_rows(M):
+    # Up to 8 activation rows run as weight rows against all of them: with AVX-512
+    # several weight rows per step (13 rows: a remainder), more than 5 activation rows
+    # in passes of 4, and K=72 ends in a chunk of 8 weights.
+    gemm_case(np.random.default_rng(M), M=M, K=72, N=13, trans_a=M % 2 == 0, trans_b=M % 3 != 0, alpha=0.5,
+              beta=1.0, c_shape=(M, 13), bits=1 + M % 4, group_size=2, threads=1 + M % 2, activation="Relu")
+
+
 @pytest.mark.parametrize("activation, bounds", [("Relu", None), ("Clip", (-0.5, 0.75)), ("Clip", (0.0, 6.0))])
 @pytest.mark.parametrize("M", [1, 5, 40])
 def test_gemm_epilogue(activation, bounds, M):

@@ -980,57 +980,96 @@ AVX512_TARGET void PackWeightPanelsAvx512(const CodebookWeight& w, int64_t row0,
   }
 }
 
-// RowsTimesWeight with 16 weights per step: M activation rows, U accumulators each.
-template <bool kVbmi, int M, int U>
-AVX512_TARGET void RowsTimesWeightAvx512(const CodebookWeight& w, const float* a, int64_t lda, int64_t r0, int64_t r1,
-                                         float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
-  const Decode16Params d = MakeDecode16Params(w.bits);
-  const int64_t blocks = w.cols_padded / 16;
-  const bool tail = w.cols_padded % 16 != 0;  // a last block of 8
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = w.Row(r);
-    const __m512 lut = Lut16<kVbmi>(w, r);
-    __m512 acc[M][U];
+// RW rows of the weight, starting at r, against M activation rows, 16 weights per
+// step, U accumulators per (weight row, activation row); adds the sums to
+// y[m * ldy + (r + q) * ldr].  Several weight rows at once reuse each activation load
+// (8 x 4096 activations against 4096 rows: 5.5 -> 3.4 ms).  The loops are unrolled
+// by pragma: left to the compiler, the accumulators went through the stack on every
+// step.
+template <bool kVbmi, int M, int U, int RW>
+AVX512_TARGET inline void WeightRowsTimesRows(const CodebookWeight& w, const Decode16Params& d, const float* a,
+                                              int64_t lda, int64_t r, float alpha, float* y, int64_t ldy, int64_t ldr,
+                                              const Epilogue& act) {
+  static_assert(RW == 1 || U == 1, "several weight rows with one accumulator each");
+  const int64_t full = w.cols_padded / 16;                 // chunks of 16 weights
+  const int64_t chunks = full + w.cols_padded % 16 / 8;    // and a last one of 8
+  const uint8_t* row[RW];
+  __m512 lut[RW];
+#pragma GCC unroll 8
+  for (int q = 0; q < RW; ++q) {
+    row[q] = w.Row(r + q);
+    lut[q] = Lut16<kVbmi>(w, r + q);
+  }
+  __m512 acc[RW][M][U];
+#pragma GCC unroll 8
+  for (int q = 0; q < RW; ++q)
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
-      for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + U <= blocks; b += U) {
-      for (int u = 0; u < U; ++u) {
-        const __m512 wv = Decode16<kVbmi>(row + (b + u) * 2 * w.bits, d, lut);
-        for (int m = 0; m < M; ++m)
-          acc[m][u] = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + (b + u) * 16), wv, acc[m][u]);
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) acc[q][m][u] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + U <= full; c += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      __m512 wv[RW];
+#pragma GCC unroll 8
+      for (int q = 0; q < RW; ++q) wv[q] = Decode16<kVbmi>(row[q] + (c + u) * 2 * w.bits, d, lut[q]);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 av = _mm512_loadu_ps(a + m * lda + (c + u) * 16);
+#pragma GCC unroll 8
+        for (int q = 0; q < RW; ++q) acc[q][m][u] = _mm512_fmadd_ps(av, wv[q], acc[q][m][u]);
       }
     }
-    for (; b < blocks; ++b) {
-      const __m512 wv = Decode16<kVbmi>(row + b * 2 * w.bits, d, lut);
-      for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + m * lda + b * 16), wv, acc[m][0]);
-    }
-    if (tail) {
-      const __m512 wv = Decode16<kVbmi>(row + blocks * 2 * w.bits, d, lut);
-      for (int m = 0; m < M; ++m)
-        acc[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(0x00FF, a + m * lda + blocks * 16), wv, acc[m][0]);
-    }
+  }
+  for (; c < chunks; ++c) {  // the rest, and a last chunk of 8
+    const __mmask16 live = c < full ? 0xFFFF : 0x00FF;
+    __m512 wv[RW];
+#pragma GCC unroll 8
+    for (int q = 0; q < RW; ++q) wv[q] = Decode16<kVbmi>(row[q] + c * 2 * w.bits, d, lut[q]);
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      __m512 sum = acc[m][0];
-      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[m][u]);
-      float& out = y[m * ldy + r * ldr];
+      const __m512 av = _mm512_maskz_loadu_ps(live, a + m * lda + c * 16);
+#pragma GCC unroll 8
+      for (int q = 0; q < RW; ++q) acc[q][m][0] = _mm512_fmadd_ps(av, wv[q], acc[q][m][0]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < RW; ++q) {
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = acc[q][m][0];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[q][m][u]);
+      float& out = y[m * ldy + (r + q) * ldr];
       out = act.Apply(out + alpha * _mm512_reduce_add_ps(sum));
     }
   }
+}
+
+template <bool kVbmi, int M, int U, int RW>
+AVX512_TARGET void RowsTimesWeightAvx512(const CodebookWeight& w, const float* a, int64_t lda, int64_t r0, int64_t r1,
+                                         float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
+  const Decode16Params d = MakeDecode16Params(w.bits);
+  int64_t r = r0;
+  for (; r + RW <= r1; r += RW) WeightRowsTimesRows<kVbmi, M, U, RW>(w, d, a, lda, r, alpha, y, ldy, ldr, act);
+  for (; r < r1; ++r) WeightRowsTimesRows<kVbmi, M, U, 1>(w, d, a, lda, r, alpha, y, ldy, ldr, act);
 }
 
 template <bool kVbmi>
 void RowsTimesWeightAvx512Dispatch(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0,
                                    int64_t r1, float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
   switch (rows_a) {
-    case 1: return RowsTimesWeightAvx512<kVbmi, 1, 4>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 2: return RowsTimesWeightAvx512<kVbmi, 2, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 3: return RowsTimesWeightAvx512<kVbmi, 3, 2>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 4: return RowsTimesWeightAvx512<kVbmi, 4, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 5: return RowsTimesWeightAvx512<kVbmi, 5, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 6: return RowsTimesWeightAvx512<kVbmi, 6, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    case 7: return RowsTimesWeightAvx512<kVbmi, 7, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
-    default: return RowsTimesWeightAvx512<kVbmi, 8, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 1: return RowsTimesWeightAvx512<kVbmi, 1, 4, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 2: return RowsTimesWeightAvx512<kVbmi, 2, 2, 1>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 3: return RowsTimesWeightAvx512<kVbmi, 3, 1, 4>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 4: return RowsTimesWeightAvx512<kVbmi, 4, 1, 4>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    case 5: return RowsTimesWeightAvx512<kVbmi, 5, 1, 4>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+    default:
+      // in passes of 4 activation rows, each decoding the weight again: 8 rows of 1024
+      // (33 KB) against 256 weight rows took 0.083 ms in one pass, 0.058 in two
+      RowsTimesWeightAvx512<kVbmi, 4, 1, 4>(w, a, lda, r0, r1, alpha, y, ldy, ldr, act);
+      return RowsTimesWeightAvx512Dispatch<kVbmi>(w, a + 4 * lda, lda, rows_a - 4, r0, r1, alpha, y + 4 * ldy, ldy,
+                                                  ldr, act);
   }
 }
 #pragma GCC diagnostic pop
@@ -1274,9 +1313,8 @@ void PackWeightRows(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n
 void RowsTimesWeight(const CodebookWeight& w, const float* a, int64_t lda, int64_t rows_a, int64_t r0, int64_t r1,
                      float alpha, float* y, int64_t ldy, int64_t ldr, const Epilogue& act) {
 #if ONNX_CODEBOOK_X86
-  // 16 weights per decode pays off where decoding dominates (one or two rows of A);
-  // with more rows the AVX2 kernel measured faster.
-  if (g_avx512 && w.bits <= 4 && rows_a <= 2) {
+  // 16 weights per decode, and with 3+ rows of A several weight rows per activation load
+  if (g_avx512 && w.bits <= 4) {
     return g_vbmi ? RowsTimesWeightAvx512Dispatch<true>(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act)
                   : RowsTimesWeightAvx512Dispatch<false>(w, a, lda, rows_a, r0, r1, alpha, y, ldy, ldr, act);
   }
