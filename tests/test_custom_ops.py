@@ -58,9 +58,12 @@ def make_model(nodes, inputs, outputs, initializers, fused):
     return model
 
 
-def run(model, feeds, threads=1):
+def run(model, feeds, threads=1, runs=1):
+    """The first output of the last of `runs` runs of one session."""
     options = ops.session_options(ops.uses_ops(model), threads)
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs - 1):
+        sess.run(None, feeds)
     return sess.run(None, feeds)[0]
 
 
@@ -68,12 +71,12 @@ def tensor_info(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
-def compare(fused_nodes, plain_nodes, feeds, fused_inits, plain_inits, threads=1):
+def compare(fused_nodes, plain_nodes, feeds, fused_inits, plain_inits, threads=1, runs=1):
     inputs = [tensor_info(n, v.shape) for n, v in feeds.items()]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
     fused = make_model(fused_nodes, inputs, outputs, fused_inits, fused=True)
     plain = make_model(plain_nodes, inputs, outputs, plain_inits, fused=False)
-    got = run(fused, feeds, threads)
+    got = run(fused, feeds, threads, runs)
     want = run(plain, feeds, threads)
     assert got.shape == want.shape
     scale = max(float(np.abs(want).max(initial=0.0)), 1e-6)
@@ -125,7 +128,7 @@ def plain_epilogue(node, activation, bounds, residual):
 
 def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, kernel=None, stride=None,
               dilation=None, pads=None, auto_pad=None, bias=None, bits=None, group_size=None, threads=1,
-              activation="", bounds=(-0.5, 0.75), residual=False, size=None):
+              activation="", bounds=(-0.5, 0.75), residual=False, size=None, runs=1):
     batch = batch or int(rng.integers(1, 3))
     group = group or int(rng.choice([1, 1, 2, 3]))
     cin = cin or group * int(rng.integers(1, 5))
@@ -174,6 +177,7 @@ def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, ke
         codebook_inits(codebook, indices, bits) + extra,
         plain_inits + clip_inits,
         threads,
+        runs,
     )
 
 
@@ -307,6 +311,20 @@ def test_conv_short_rows(size, kernel, stride, pads, batch, group, bits):
               cout=70 * group, group=group, kernel=kernel, stride=stride, dilation=[1] * len(size), pads=pads,
               auto_pad="NOTSET", bits=bits, group_size=1, bias=True, activation="Relu", residual=True, threads=2,
               size=size)
+
+
+@pytest.mark.parametrize("batch", [2, 4, 9])
+@pytest.mark.parametrize("path", ["phase", "columns", "depthwise"])
+def test_conv_batch_split(batch, path):
+    # On 2 threads, once a kernel has seen its pool run 2 threads, a batch that splits
+    # evenly (or has at least 4 images per thread: 9 -> 4 + 5) runs as one part per
+    # thread, each part on the path its own images take: 8x8 planes (phase grid),
+    # 2x2 planes (an im2col over the part's images), depthwise.  Four runs of one
+    # session, the last compared.
+    size, cin, group = {"phase": ([8, 8], 24, 1), "columns": ([2, 2], 40, 2), "depthwise": ([7, 7], 20, 20)}[path]
+    conv_case(np.random.default_rng(batch), batch=batch, cin=cin, cout=2 * cin, group=group, kernel=[3, 3],
+              stride=[1, 1], dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=4, group_size=1, bias=True,
+              activation="Relu", residual=True, threads=2, size=size, runs=4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

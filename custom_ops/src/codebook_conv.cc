@@ -117,6 +117,12 @@ void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, 
   });
 }
 
+// Scratch matrices (im2col, phase grids) up to this many floats are filled on the
+// calling thread (a round trip to the pool costs more on 2 threads); im2col matrices
+// that one permute per 16 values fills (planes of at most 16 pixels, one image),
+// up to 8 times that.
+constexpr int64_t kSerialFloats = int64_t{1} << 12;
+
 // Output columns (batch * out_h * out_w) up to which a convolution runs as rows of
 // the weight against blocks of 8 im2col columns (each weight row decoded once per
 // block) instead of as a blocked GEMM.
@@ -225,26 +231,31 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
   const int64_t taps = g.kh * g.kw, in_plane = g.height * g.width;
   const int64_t span = (ld + 15) / 16 * 16;  // table entries per tap
   std::vector<int32_t> from(static_cast<size_t>(taps * span), -1);
+  int64_t reach = 0;  // floats read from a channel's start
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) {
       for (int64_t col = 0; col < columns; ++col) {
         const int64_t n = col / P, oh = col % P / g.out_w, ow = col % g.out_w;
         const int64_t ih = oh * g.sh - g.pad_top + i * g.dh, iw = ow * g.sw - g.pad_left + j * g.dw;
         if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
-          from[(i * g.kw + j) * span + col] = static_cast<int32_t>(n * g.channels * in_plane + ih * g.width + iw);
+          const int64_t at = n * g.channels * in_plane + ih * g.width + iw;
+          from[(i * g.kw + j) * span + col] = static_cast<int32_t>(at);
+          reach = std::max(reach, at + 1);
         }
       }
     }
   }
-  // input channels (of all groups) split over the pool
+  // input channels (of all groups) split over the pool, unless the matrix is small
+  // (a round trip to the pool costs more on 2 threads)
   const int64_t planes = g.group * g.cin_per_group;
   const int64_t tasks = std::min(planes, 4 * PoolWorkers());
-  ParallelFor(ctx, tasks, [&](int64_t t) {
+  const bool serial = g.group * w.cols * ld <= (reach <= 16 ? 8 : 1) * kSerialFloats;
+  ParallelFor(serial ? nullptr : ctx, tasks, [&](int64_t t) {
     for (int64_t gc = planes * t / tasks; gc < planes * (t + 1) / tasks; ++gc) {
       float* row = cols.data() + (gc / g.cin_per_group * w.cols + gc % g.cin_per_group * taps) * ld;
       for (int64_t tap = 0; tap < taps; ++tap, row += ld) {
         for (int64_t at = 0; at < ld; at += 16) {
-          GatherColumns(x + gc * in_plane, from.data() + tap * span + at, std::min<int64_t>(16, ld - at), row + at);
+          GatherColumns(x + gc * in_plane, reach, from.data() + tap * span + at, std::min<int64_t>(16, ld - at), row + at);
         }
       }
     }
@@ -324,7 +335,7 @@ class PhaseConv {
   void Fill(const float* x, int64_t n0, int64_t count, float* buf, const OrtKernelContext* ctx) const {
     const int64_t plane = g.height * g.width, planes = g.channels * count;
     const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, phases * image));
-    ParallelFor(ctx, (planes + block - 1) / block, [&](int64_t t) {
+    ParallelFor(planes * phases * image <= kSerialFloats ? nullptr : ctx, (planes + block - 1) / block, [&](int64_t t) {
       for (int64_t cn = t * block; cn < std::min(planes, (t + 1) * block); ++cn) {
         const int64_t c = cn / count, n = cn % count;
         const float* src = x + ((n0 + n) * g.channels + c) * plane;
@@ -499,6 +510,35 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
   }
 }
 
+// One convolution call on the kernel that fits its geometry.
+void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
+             const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+  const int64_t P = g.out_h * g.out_w;
+  if (g.cin_per_group == 1) {
+    DirectConv(w, g, x, bias, z, act, y, ctx);
+    return;
+  }
+  const int64_t columns = g.batch * P;
+  // the explicit im2col's gather offsets are int32
+  const bool small_input = g.batch * g.channels * g.height * g.width <= INT32_MAX;
+  if (columns <= kFewColumns) {
+    HasPixelGemm() && small_input ? Im2colPixelConv(w, g, x, bias, z, act, y, ctx)
+                                  : FewColumnsConv(w, g, x, bias, z, act, y, ctx);
+    return;
+  }
+  // The phase grid's pixel-major tiles are runs of one output row (of one image when
+  // the grid has no junk columns, i.e. the kernel span fits the stride).  Runs of at
+  // most 3 pixels are worth an explicit im2col, whose tiles cross rows and images:
+  // 512 -> 512 3x3 on 2x2, batch 8: 2.34 -> 1.85 ms, on 3x3: 1.17 -> 0.95 ms.  With
+  // runs of 4 it measured slower (and much slower on larger grids).
+  const int64_t run = (g.kw - 1) * g.dw + 1 <= g.sw ? P : g.out_w;
+  if (HasPixelGemm() && small_input && run <= 3 && g.group * w.cols * columns <= kGridFloats) {
+    Im2colPixelConv(w, g, x, bias, z, act, y, ctx);
+    return;
+  }
+  PhaseGemmConv(w, g, x, bias, z, act, y, ctx);
+}
+
 }  // namespace
 
 ConvKernel::ConvKernel(const OrtKernelInfo* info) {
@@ -608,29 +648,29 @@ void ConvKernel::Compute(OrtKernelContext* context) {
   }
   if (g.batch == 0 || P == 0) return;
   const float* x = input.GetTensorData<float>();
-  if (g.cin_per_group == 1) {
-    DirectConv(weight_, g, x, bias, z, act_, y, context);
+  // With a pool of 2+ threads (seen in earlier runs), a batch that splits evenly runs
+  // as one task per part of it, each convolving its images on its own thread: every
+  // thread then fills, reads and writes only its images' data.  (Split by output
+  // channels, every task reads all of the filled input, half of it written by the
+  // other thread; where the two threads sit on different core complexes that cost
+  // more than the convolution's arithmetic.)  Each part decodes the weights itself.
+  const int64_t threads = pool_threads_.load(std::memory_order_relaxed);
+  const int64_t parts = std::min(threads, g.batch);
+  if (parts >= 2 && (g.batch % parts == 0 || g.batch >= 4 * parts)) {
+    const int64_t in_image = g.channels * g.height * g.width, out_image = g.out_channels * P;
+    ParallelFor(context, parts, [&](int64_t part) {
+      InlineParallelFor inline_here;
+      const int64_t n0 = g.batch * part / parts, n1 = g.batch * (part + 1) / parts;
+      ConvGeometry images = g;
+      images.batch = n1 - n0;
+      RunConv(weight_, images, x + n0 * in_image, bias, z ? z + n0 * out_image : nullptr, act_, y + n0 * out_image,
+              context);
+    });
     return;
   }
-  const int64_t columns = g.batch * P;
-  // the explicit im2col's gather offsets are int32
-  const bool small_input = g.batch * g.channels * g.height * g.width <= INT32_MAX;
-  if (columns <= kFewColumns) {
-    HasPixelGemm() && small_input ? Im2colPixelConv(weight_, g, x, bias, z, act_, y, context)
-                                  : FewColumnsConv(weight_, g, x, bias, z, act_, y, context);
-    return;
-  }
-  // The phase grid's pixel-major tiles are runs of one output row (of one image when
-  // the grid has no junk columns, i.e. the kernel span fits the stride).  Runs of at
-  // most 3 pixels are worth an explicit im2col, whose tiles cross rows and images:
-  // 512 -> 512 3x3 on 2x2, batch 8: 2.34 -> 1.85 ms, on 3x3: 1.17 -> 0.95 ms.  With
-  // runs of 4 it measured slower (and much slower on larger grids).
-  const int64_t run = (g.kw - 1) * g.dw + 1 <= g.sw ? P : g.out_w;
-  if (HasPixelGemm() && small_input && run <= 3 && g.group * weight_.cols * columns <= kGridFloats) {
-    Im2colPixelConv(weight_, g, x, bias, z, act_, y, context);
-    return;
-  }
-  PhaseGemmConv(weight_, g, x, bias, z, act_, y, context);
+  ResetPoolThreadsSeen();
+  RunConv(weight_, g, x, bias, z, act_, y, context);
+  if (PoolThreadsSeen() > threads) pool_threads_.store(PoolThreadsSeen(), std::memory_order_relaxed);
 }
 
 }  // namespace onnx_codebook

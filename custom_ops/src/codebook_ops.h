@@ -1,6 +1,7 @@
 // Kernel and op declarations for the onnx_codebook domain.
 #pragma once
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -57,6 +58,8 @@ class ConvKernel {
   int64_t group_ = 1;
   Epilogue act_;
   CodebookWeight weight_;
+  // Threads of the session's pool, as seen running this kernel's parallel loops
+  std::atomic<int64_t> pool_threads_{1};
 };
 
 // Op descriptors; inputs: X/A, indices, codebook[, bias/C][, Z (CodebookConv)].

@@ -663,10 +663,15 @@ AVX512_TARGET void GatherStride2Avx512(float* dst, const float* src, int64_t lo,
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // r[i][j] -> r[j][i] for a 16 x 16 block of floats in 16 registers.
-AVX512_TARGET void GatherColumnsAvx512(const float* src, const int32_t* offsets, int64_t n, float* dst) {
+AVX512_TARGET void GatherColumnsAvx512(const float* src, int64_t reach, const int32_t* offsets, int64_t n,
+                                       float* dst) {
   const __m512i at = _mm512_loadu_si512(offsets);
   const __mmask16 live = _mm512_cmpge_epi32_mask(at, _mm512_setzero_si512()) & static_cast<__mmask16>((1u << n) - 1u);
-  const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, at, src, 4);
+  // a source of at most 16 floats fits one register: a permute instead of a gather
+  // (an AVX-512 gather measured about 16 cycles on this AMD host)
+  const __m512 v = reach <= 16 ? _mm512_maskz_permutexvar_ps(
+                                     live, at, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << reach) - 1u), src))
+                               : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, at, src, 4);
   _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << n) - 1u), v);
 }
 
@@ -1356,21 +1361,43 @@ CallBuffer::~CallBuffer() {
   }
 }
 
+namespace {
+
+thread_local bool t_inline = false;     // inside an InlineParallelFor scope
+thread_local int64_t t_pool_seen = 1;   // see PoolThreadsSeen
+
+// A small number per thread, for counting the threads of a parallel loop.
+uint64_t ThreadBit() {
+  static std::atomic<uint64_t> next{0};
+  thread_local const uint64_t bit = uint64_t{1} << (next++ % 64);
+  return bit;
+}
+
+}  // namespace
+
+InlineParallelFor::InlineParallelFor() : outer_(t_inline) { t_inline = true; }
+InlineParallelFor::~InlineParallelFor() { t_inline = outer_; }
+
+int64_t PoolThreadsSeen() { return t_pool_seen; }
+void ResetPoolThreadsSeen() { t_pool_seen = 1; }
+
 void ParallelFor(const OrtKernelContext* ctx, int64_t total, const std::function<void(int64_t)>& fn) {
   if (total <= 0) return;
-  if (ctx == nullptr || total == 1) {
+  if (ctx == nullptr || total == 1 || t_inline) {
     for (int64_t i = 0; i < total; ++i) fn(i);
     return;
   }
   struct Job {
     const std::function<void(int64_t)>* fn;
     std::atomic<bool> failed{false};
+    std::atomic<uint64_t> threads{0};
     std::mutex mu;
     std::exception_ptr error;
   } job;
   job.fn = &fn;
   auto trampoline = [](void* data, size_t i) {
     Job* j = static_cast<Job*>(data);
+    j->threads.fetch_or(ThreadBit(), std::memory_order_relaxed);
     if (j->failed.load(std::memory_order_relaxed)) return;
     try {
       (*j->fn)(static_cast<int64_t>(i));
@@ -1380,6 +1407,7 @@ void ParallelFor(const OrtKernelContext* ctx, int64_t total, const std::function
     }
   };
   Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, trampoline, static_cast<size_t>(total), 0, &job));
+  t_pool_seen = std::max<int64_t>(t_pool_seen, __builtin_popcountll(job.threads.load()));
   if (job.error) std::rethrow_exception(job.error);
 }
 
@@ -1639,9 +1667,9 @@ DepthwisePlan PlanDepthwise(int64_t height, int64_t width, int64_t kh, int64_t k
   return d;
 }
 
-void GatherColumns(const float* src, const int32_t* offsets, int64_t n, float* dst) {
+void GatherColumns(const float* src, int64_t reach, const int32_t* offsets, int64_t n, float* dst) {
 #if ONNX_CODEBOOK_X86
-  if (g_avx512) return GatherColumnsAvx512(src, offsets, n, dst);
+  if (g_avx512) return GatherColumnsAvx512(src, reach, offsets, n, dst);
 #endif
   for (int64_t j = 0; j < n; ++j) dst[j] = offsets[j] >= 0 ? src[offsets[j]] : 0.f;
 }

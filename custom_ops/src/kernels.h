@@ -129,8 +129,8 @@ inline ColumnRange InsideColumns(int64_t first, int64_t stride, int64_t width, i
 void PaddedRow(const float* src, int64_t lo, int64_t hi, int64_t stride, int64_t n, float* dst);
 
 // dst[j] = src[offsets[j]] for j < n (<= 16), 0 where offsets[j] < 0; offsets holds
-// 16 entries.
-void GatherColumns(const float* src, const int32_t* offsets, int64_t n, float* dst);
+// 16 entries, all < reach (src has reach floats to read).
+void GatherColumns(const float* src, int64_t reach, const int32_t* offsets, int64_t n, float* dst);
 
 // Geometry of a depthwise convolution of one plane.
 struct DepthwisePlan {
@@ -183,7 +183,27 @@ float* Scratch(std::vector<float>& buf, size_t n);
 void RunGemm(const GemmSpec& spec, const OrtKernelContext* ctx);
 
 // Runs fn(i) for i < total on onnxruntime's intra-op pool; exceptions inside are
-// caught and rethrown on the calling thread.
+// caught and rethrown on the calling thread.  Runs serially on the calling thread
+// when ctx is null, and inside an InlineParallelFor scope.
 void ParallelFor(const OrtKernelContext* ctx, int64_t total, const std::function<void(int64_t)>& fn);
+
+// While one lives, ParallelFor calls on this thread run inline (for tasks that are
+// parts of an outer parallel loop).
+class InlineParallelFor {
+ public:
+  InlineParallelFor();
+  ~InlineParallelFor();
+  InlineParallelFor(const InlineParallelFor&) = delete;
+  InlineParallelFor& operator=(const InlineParallelFor&) = delete;
+
+ private:
+  bool outer_;
+};
+
+// The most threads that ran the tasks of one ParallelFor called from this thread
+// since ResetPoolThreadsSeen (1 if none ran on the pool): how many threads the
+// session's pool has, as far as seen (the C API does not tell).
+int64_t PoolThreadsSeen();
+void ResetPoolThreadsSeen();
 
 }  // namespace onnx_codebook
