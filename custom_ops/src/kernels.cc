@@ -870,6 +870,7 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on AVX-512 intrinsics' pass-through operands
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 // Decoding 16 indices of at most 4 bits with one permute of the row's codebook
 // register.  Without VBMI the indices are spread to bytes with two PDEPs; with VBMI
