@@ -1154,6 +1154,75 @@ AVX512_TARGET void LaneKernelDispatch(int64_t r, int64_t kc, const float* b, con
   kernels[r - 1](kc, b, rows, out, accumulate);
 }
 
+// Decoding that runs inside the lane kernel's loop, one 16-weight chunk per step
+// (the permutes use a port the FMAs leave free): rows [0, rows) of the next weight
+// block, `chunks` chunks each, into dst (row r at dst + r * kKC).
+struct LaneDecodeJob {
+  __m512 lut[16];
+  const uint8_t* row[16];
+  float* dst = nullptr;
+  int64_t rows = 0, chunks = 0;
+};
+
+// LaneKernel<R> that also runs `job` (VBMI decoding).
+template <int R>
+AVX512_TARGET void LaneKernelDecoding(int64_t kc, const float* b, const float* rows, float* out, bool accumulate,
+                                      const LaneDecodeJob& job, const Decode16Params& d) {
+  __m512 acc[R];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) acc[i] = accumulate ? _mm512_loadu_ps(out + i * 16) : _mm512_setzero_ps();
+  const int64_t step = 2 * d.bits;
+  int64_t r = 0, j = 0;  // the next chunk to decode
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 bk = _mm512_loadu_ps(b + k * 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(rows[i * kKC + k]), bk, acc[i]);
+    if (r < job.rows) {
+      _mm512_storeu_ps(job.dst + r * kKC + j * 16, Decode16<true>(job.row[r] + j * step, d, job.lut[r]));
+      if (++j == job.chunks) j = 0, ++r;
+    }
+  }
+  for (; r < job.rows; ++r, j = 0)
+    for (; j < job.chunks; ++j) _mm512_storeu_ps(job.dst + r * kKC + j * 16, Decode16<true>(job.row[r] + j * step, d, job.lut[r]));
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(out + i * 16, acc[i]);
+}
+
+template <int... R>
+AVX512_TARGET void LaneKernelDecodingDispatch(int64_t r, int64_t kc, const float* b, const float* rows, float* out,
+                                              bool accumulate, const LaneDecodeJob& job, const Decode16Params& d,
+                                              std::integer_sequence<int, R...>) {
+  using Fn = void (*)(int64_t, const float*, const float*, float*, bool, const LaneDecodeJob&, const Decode16Params&);
+  static constexpr Fn kernels[] = {&LaneKernelDecoding<R + 1>...};
+  kernels[r - 1](kc, b, rows, out, accumulate, job, d);
+}
+
+// One lane-GEMM task with VBMI and indices of at most 4 bits: rows [i0, i0 + rows) of
+// group grp (weight rows row0 + i0..), each next reduction block decoded while the
+// current one is multiplied; sums into acc.
+AVX512_TARGET void LaneTaskDecoding(const PixelGemmSpec& s, const float* b, int64_t row0, int64_t rows, float* buf0,
+                                    float* buf1, float* acc) {
+  const CodebookWeight& w = *s.w;
+  const Decode16Params d = MakeDecode16Params(w.bits);
+  float* buf[2] = {buf0, buf1};
+  DecodeRowsAvx512<true>(w, row0, rows, 0, std::min(kKC, s.K), buf[0], kKC);
+  LaneDecodeJob job;
+  for (int64_t k0 = 0, cur = 0; k0 < s.K; k0 += kKC, cur ^= 1) {
+    const int64_t kc = std::min(kKC, s.K - k0), next = k0 + kKC;
+    job.rows = next < s.K ? rows : 0;
+    if (job.rows) {
+      job.chunks = (std::min(kKC, s.K - next) + 15) / 16;
+      job.dst = buf[cur ^ 1];
+      for (int64_t q = 0; q < rows; ++q) {
+        job.row[q] = w.Row(row0 + q) + next / 8 * w.bits;
+        job.lut[q] = Lut16<true>(w, row0 + q);
+      }
+    }
+    LaneKernelDecodingDispatch(rows, kc, b + k0 * 16, buf[cur], acc, k0 > 0, job, d,
+                               std::make_integer_sequence<int, static_cast<int>(kLaneRows)>{});
+  }
+}
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // C(row0 + i, col) = act(acc[i * 16 + col] + bias + add) for i < rows, col < columns:
@@ -1637,6 +1706,13 @@ void RunLaneGemm(const PixelGemmSpec& s, int64_t columns, const OrtKernelContext
     const float* b = s.b + grp * s.group_b;
     float* wrows = Scratch(rows_buf, static_cast<size_t>(kLaneRows * kKC));
     float* acc = Scratch(acc_buf, static_cast<size_t>(kLaneRows * 16));
+    if (g_vbmi && s.w->bits <= 4) {
+      thread_local std::vector<float> next_buf;
+      LaneTaskDecoding(s, b, s.row0 + grp * s.M + i0, rows, wrows,
+                       Scratch(next_buf, static_cast<size_t>(kLaneRows * kKC)), acc);
+      StoreLaneRows(s, acc, grp * s.M + i0, rows, columns);
+      return;
+    }
     for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
       const int64_t kc = std::min(kKC, s.K - k0);
       PackWeightRows(*s.w, s.row0 + grp * s.M, i0, rows, k0, kc, wrows);
