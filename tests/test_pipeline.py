@@ -449,3 +449,24 @@ def test_compress_model_with_explicit_config(rng):
     assert cache
     second = compress_model(model, config, cache=cache)
     assert first.model.SerializeToString() == second.model.SerializeToString()
+
+
+def test_declared_shape_contradiction_is_a_note_only_for_the_models_own_nodes():
+    # An exporter declared a graph output with the wrong rank; once the rewrite makes
+    # it inferable, the checker's full shape inference fails there.  That is a note when
+    # the node is the model's own (and the structural check passes), else an error.
+    from onnx_codebook.pipeline import _declared_shape_contradiction
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="Reshape_1"),
+             helper.make_node("Gather", ["x", "i"], ["g"], name="Gather_2")]
+    inits = [numpy_helper.from_array(np.array([6], np.int64), "s"), numpy_helper.from_array(np.array([0]), "i")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits))
+    error = ("[ShapeInferenceError] Inference error(s): (op_type:{op}, node name: {name}): [ShapeInferenceError] "
+             "Inferred shape and existing shape differ in rank: (3) vs (2)")
+    note = _declared_shape_contradiction(model, error.format(op="Reshape", name="Reshape_1"))
+    assert note is not None and "Reshape_1" in note and "differ in rank" in note
+    assert _declared_shape_contradiction(model, error.format(op="Gather", name="Gather_2")) is None  # ours
+    assert _declared_shape_contradiction(model, error.format(op="Reshape", name="nowhere")) is None
+    assert _declared_shape_contradiction(model, "[TypeInferenceError] node name: Reshape_1)") is None
