@@ -340,7 +340,6 @@ AVX512_TARGET inline __m512 SplitLoad(const float* p, int64_t jump, __mmask16 ne
 // instead of panels of [kc][kMR].
 constexpr int64_t kPrefetchRows = 16;
 
-
 template <int R, bool kDirect = false, bool kRowsA = false>
 AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b, float* tile, const TileStore& st,
                                      const int64_t* boff = nullptr) {
@@ -660,9 +659,7 @@ AVX512_TARGET void GatherStride2Avx512(float* dst, const float* src, int64_t lo,
   }
 }
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// r[i][j] -> r[j][i] for a 16 x 16 block of floats in 16 registers.
+// GatherColumns with AVX-512.
 AVX512_TARGET void GatherColumnsAvx512(const float* src, int64_t reach, const int32_t* offsets, int64_t n,
                                        float* dst) {
   const __m512i at = _mm512_loadu_si512(offsets);
@@ -675,6 +672,9 @@ AVX512_TARGET void GatherColumnsAvx512(const float* src, int64_t reach, const in
   _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << n) - 1u), v);
 }
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// r[i][j] -> r[j][i] for a 16 x 16 block of floats in 16 registers.
 AVX512_TARGET inline void Transpose16x16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
@@ -1179,11 +1179,17 @@ AVX512_TARGET void LaneKernelDecoding(int64_t kc, const float* b, const float* r
     for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(rows[i * kKC + k]), bk, acc[i]);
     if (r < job.rows) {
       _mm512_storeu_ps(job.dst + r * kKC + j * 16, Decode16<true>(job.row[r] + j * step, d, job.lut[r]));
-      if (++j == job.chunks) j = 0, ++r;
+      if (++j == job.chunks) {
+        j = 0;
+        ++r;
+      }
     }
   }
-  for (; r < job.rows; ++r, j = 0)
-    for (; j < job.chunks; ++j) _mm512_storeu_ps(job.dst + r * kKC + j * 16, Decode16<true>(job.row[r] + j * step, d, job.lut[r]));
+  for (; r < job.rows; ++r, j = 0) {  // chunks left when kc is short
+    for (; j < job.chunks; ++j) {
+      _mm512_storeu_ps(job.dst + r * kKC + j * 16, Decode16<true>(job.row[r] + j * step, d, job.lut[r]));
+    }
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(out + i * 16, acc[i]);
 }
@@ -1197,8 +1203,8 @@ AVX512_TARGET void LaneKernelDecodingDispatch(int64_t r, int64_t kc, const float
   kernels[r - 1](kc, b, rows, out, accumulate, job, d);
 }
 
-// One lane-GEMM task with VBMI and indices of at most 4 bits: rows [i0, i0 + rows) of
-// group grp (weight rows row0 + i0..), each next reduction block decoded while the
+// One lane-GEMM task with VBMI and indices of at most 4 bits: weight rows
+// [row0, row0 + rows) against B at b, each next reduction block decoded while the
 // current one is multiplied; sums into acc.
 AVX512_TARGET void LaneTaskDecoding(const PixelGemmSpec& s, const float* b, int64_t row0, int64_t rows, float* buf0,
                                     float* buf1, float* acc) {
