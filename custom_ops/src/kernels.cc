@@ -1132,31 +1132,10 @@ AVX512_TARGET void PixelKernelDispatch(int64_t r, int64_t kc, const float* b, co
 
 // ------------------------------------------------------- lane GEMM (AVX-512)
 
-// R output channels x 16 columns (the vector lanes): out[i * 16 + j] (+)= sum_k
-// rows[i * kKC + k] * b[k * 16 + j].  The weights are decoded as rows and broadcast
-// one at a time, so nothing is transposed.
-template <int R>
-AVX512_TARGET void LaneKernel(int64_t kc, const float* b, const float* rows, float* out, bool accumulate) {
-  __m512 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = accumulate ? _mm512_loadu_ps(out + i * 16) : _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512 bk = _mm512_loadu_ps(b + k * 16);
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(rows[i * kKC + k]), bk, acc[i]);
-  }
-  for (int i = 0; i < R; ++i) _mm512_storeu_ps(out + i * 16, acc[i]);
-}
-
-template <int... R>
-AVX512_TARGET void LaneKernelDispatch(int64_t r, int64_t kc, const float* b, const float* rows, float* out,
-                                      bool accumulate, std::integer_sequence<int, R...>) {
-  using Fn = void (*)(int64_t, const float*, const float*, float*, bool);
-  static constexpr Fn kernels[] = {&LaneKernel<R + 1>...};
-  kernels[r - 1](kc, b, rows, out, accumulate);
-}
-
 // Decoding that runs inside the lane kernel's loop, one 16-weight chunk per step
 // (the permutes use a port the FMAs leave free): rows [0, rows) of the next weight
-// block, `chunks` chunks each, into dst (row r at dst + r * kKC).
+// block, `chunks` chunks each, into dst (row r at dst + r * kKC).  rows = 0: none
+// (then nothing of VBMI runs).
 struct LaneDecodeJob {
   __m512 lut[16];
   const uint8_t* row[16];
@@ -1164,10 +1143,12 @@ struct LaneDecodeJob {
   int64_t rows = 0, chunks = 0;
 };
 
-// LaneKernel<R> that also runs `job` (VBMI decoding).
+// R output channels x 16 columns (the vector lanes): out[i * 16 + j] (+)= sum_k
+// rows[i * kKC + k] * b[k * 16 + j], running `job` (VBMI decoding) alongside.  The
+// weights are decoded as rows and broadcast one at a time, so nothing is transposed.
 template <int R>
-AVX512_TARGET void LaneKernelDecoding(int64_t kc, const float* b, const float* rows, float* out, bool accumulate,
-                                      const LaneDecodeJob& job, const Decode16Params& d) {
+AVX512_TARGET void LaneKernel(int64_t kc, const float* b, const float* rows, float* out, bool accumulate,
+                              const LaneDecodeJob& job, const Decode16Params& d) {
   __m512 acc[R];
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) acc[i] = accumulate ? _mm512_loadu_ps(out + i * 16) : _mm512_setzero_ps();
@@ -1195,27 +1176,29 @@ AVX512_TARGET void LaneKernelDecoding(int64_t kc, const float* b, const float* r
 }
 
 template <int... R>
-AVX512_TARGET void LaneKernelDecodingDispatch(int64_t r, int64_t kc, const float* b, const float* rows, float* out,
-                                              bool accumulate, const LaneDecodeJob& job, const Decode16Params& d,
-                                              std::integer_sequence<int, R...>) {
+AVX512_TARGET void LaneKernelDispatch(int64_t r, int64_t kc, const float* b, const float* rows, float* out,
+                                      bool accumulate, const LaneDecodeJob& job, const Decode16Params& d,
+                                      std::integer_sequence<int, R...>) {
   using Fn = void (*)(int64_t, const float*, const float*, float*, bool, const LaneDecodeJob&, const Decode16Params&);
-  static constexpr Fn kernels[] = {&LaneKernelDecoding<R + 1>...};
+  static constexpr Fn kernels[] = {&LaneKernel<R + 1>...};
   kernels[r - 1](kc, b, rows, out, accumulate, job, d);
 }
 
-// One lane-GEMM task with VBMI and indices of at most 4 bits: weight rows
-// [row0, row0 + rows) against B at b, each next reduction block decoded while the
-// current one is multiplied; sums into acc.
-AVX512_TARGET void LaneTaskDecoding(const PixelGemmSpec& s, const float* b, int64_t row0, int64_t rows, float* buf0,
-                                    float* buf1, float* acc) {
+// One lane-GEMM task: weight rows [row0, row0 + rows) against B at b, sums into acc.
+// With VBMI and indices of at most 4 bits each next reduction block is decoded (into
+// the other buffer) while the current one is multiplied; else each block is decoded
+// before it.
+AVX512_TARGET void LaneTask(const PixelGemmSpec& s, const float* b, int64_t row0, int64_t rows, float* buf0,
+                            float* buf1, float* acc) {
   const CodebookWeight& w = *s.w;
-  const Decode16Params d = MakeDecode16Params(w.bits);
+  const bool overlap = g_vbmi && w.bits <= 4;
+  const Decode16Params d = overlap ? MakeDecode16Params(w.bits) : Decode16Params{};
   float* buf[2] = {buf0, buf1};
-  DecodeRowsAvx512<true>(w, row0, rows, 0, std::min(kKC, s.K), buf[0], kKC);
   LaneDecodeJob job;
-  for (int64_t k0 = 0, cur = 0; k0 < s.K; k0 += kKC, cur ^= 1) {
+  for (int64_t k0 = 0, cur = 0; k0 < s.K; k0 += kKC, cur ^= overlap) {
     const int64_t kc = std::min(kKC, s.K - k0), next = k0 + kKC;
-    job.rows = next < s.K ? rows : 0;
+    if (!overlap || k0 == 0) PackWeightRows(w, row0, 0, rows, k0, kc, buf[cur]);
+    job.rows = overlap && next < s.K ? rows : 0;
     if (job.rows) {
       job.chunks = (std::min(kKC, s.K - next) + 15) / 16;
       job.dst = buf[cur ^ 1];
@@ -1224,8 +1207,8 @@ AVX512_TARGET void LaneTaskDecoding(const PixelGemmSpec& s, const float* b, int6
         job.lut[q] = Lut16<true>(w, row0 + q);
       }
     }
-    LaneKernelDecodingDispatch(rows, kc, b + k0 * 16, buf[cur], acc, k0 > 0, job, d,
-                               std::make_integer_sequence<int, static_cast<int>(kLaneRows)>{});
+    LaneKernelDispatch(rows, kc, b + k0 * 16, buf[cur], acc, k0 > 0, job, d,
+                       std::make_integer_sequence<int, static_cast<int>(kLaneRows)>{});
   }
 }
 
@@ -1706,25 +1689,13 @@ void RunLaneGemm(const PixelGemmSpec& s, int64_t columns, const OrtKernelContext
   if (s.M <= 0) return;
   const int64_t blocks = (s.M + kLaneRows - 1) / kLaneRows;
   ParallelFor(ctx, s.groups * blocks, [&](int64_t task) {
-    thread_local std::vector<float> rows_buf, acc_buf;
+    thread_local std::vector<float> rows_buf, next_buf, acc_buf;
     const int64_t grp = task / blocks, i0 = task % blocks * kLaneRows;
     const int64_t rows = std::min<int64_t>(kLaneRows, s.M - i0);
-    const float* b = s.b + grp * s.group_b;
-    float* wrows = Scratch(rows_buf, static_cast<size_t>(kLaneRows * kKC));
     float* acc = Scratch(acc_buf, static_cast<size_t>(kLaneRows * 16));
-    if (g_vbmi && s.w->bits <= 4) {
-      thread_local std::vector<float> next_buf;
-      LaneTaskDecoding(s, b, s.row0 + grp * s.M + i0, rows, wrows,
-                       Scratch(next_buf, static_cast<size_t>(kLaneRows * kKC)), acc);
-      StoreLaneRows(s, acc, grp * s.M + i0, rows, columns);
-      return;
-    }
-    for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
-      const int64_t kc = std::min(kKC, s.K - k0);
-      PackWeightRows(*s.w, s.row0 + grp * s.M, i0, rows, k0, kc, wrows);
-      LaneKernelDispatch(rows, kc, b + k0 * 16, wrows, acc, k0 > 0,
-                         std::make_integer_sequence<int, static_cast<int>(kLaneRows)>{});
-    }
+    LaneTask(s, s.b + grp * s.group_b, s.row0 + grp * s.M + i0, rows,
+             Scratch(rows_buf, static_cast<size_t>(kLaneRows * kKC)),
+             Scratch(next_buf, static_cast<size_t>(kLaneRows * kKC)), acc);
     StoreLaneRows(s, acc, grp * s.M + i0, rows, columns);
   });
 #else

@@ -110,19 +110,30 @@ std::string String(OrtShapeInferContext* ctx, const char* name, const std::strin
   return std::string(bytes.data(), bytes.size()).c_str();  // up to a terminating NUL, if any
 }
 
+// Runs an inference body: any exception leaves the output unknown (the kernel
+// reports the problem when it is created or run), never reaches onnxruntime.
+template <typename Body>
+OrtStatusPtr Infer(Body&& body) noexcept {
+  try {
+    body();
+  } catch (...) {
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 OrtStatusPtr ORT_API_CALL InferConvShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
-  try {
+  return Infer([&] {
     const std::vector<int64_t> w = Ints(ctx, "weight_shape", {});
     std::vector<Dim> x;
-    if ((w.size() != 3 && w.size() != 4) || !InputShape(ctx, 0, &x) || x.size() != w.size()) return nullptr;
+    if ((w.size() != 3 && w.size() != 4) || !InputShape(ctx, 0, &x) || x.size() != w.size()) return;
     const size_t spatial = w.size() - 2;
     const std::vector<int64_t> strides = Ints(ctx, "strides", std::vector<int64_t>(spatial, 1));
     const std::vector<int64_t> dilations = Ints(ctx, "dilations", std::vector<int64_t>(spatial, 1));
     const std::vector<int64_t> pads = Ints(ctx, "pads", std::vector<int64_t>(2 * spatial, 0));
     const std::string auto_pad = String(ctx, "auto_pad", "NOTSET");
-    if (strides.size() != spatial || dilations.size() != spatial || pads.size() != 2 * spatial) return nullptr;
+    if (strides.size() != spatial || dilations.size() != spatial || pads.size() != 2 * spatial) return;
     std::vector<Dim> y{x[0], Dim{w[0], ""}};
     for (size_t i = 0; i < spatial; ++i) {
       Dim out;
@@ -138,33 +149,27 @@ OrtStatusPtr ORT_API_CALL InferConvShape(const OrtCustomOp*, OrtShapeInferContex
       y.push_back(out);
     }
     SetOutputShape(ctx, y);
-  } catch (...) {
-  }
-  return nullptr;
+  });
 }
 
 OrtStatusPtr ORT_API_CALL InferGemmShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
-  try {
+  return Infer([&] {
     const std::vector<int64_t> w = Ints(ctx, "weight_shape", {});
     std::vector<Dim> a;
-    if (w.size() != 2 || !InputShape(ctx, 0, &a) || a.size() != 2) return nullptr;
+    if (w.size() != 2 || !InputShape(ctx, 0, &a) || a.size() != 2) return;
     const bool trans_a = Int(ctx, "transA", 0) != 0, trans_b = Int(ctx, "transB", 0) != 0;
     SetOutputShape(ctx, {a[trans_a ? 1 : 0], Dim{w[trans_b ? 0 : 1], ""}});
-  } catch (...) {
-  }
-  return nullptr;
+  });
 }
 
 OrtStatusPtr ORT_API_CALL InferMatMulShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
-  try {
+  return Infer([&] {
     const std::vector<int64_t> w = Ints(ctx, "weight_shape", {});
     std::vector<Dim> a;
-    if (w.size() != 2 || !InputShape(ctx, 0, &a) || a.empty()) return nullptr;
+    if (w.size() != 2 || !InputShape(ctx, 0, &a) || a.empty()) return;
     a.back() = Dim{w[1], ""};
     SetOutputShape(ctx, a);
-  } catch (...) {
-  }
-  return nullptr;
+  });
 }
 
 }  // namespace onnx_codebook
