@@ -313,6 +313,36 @@ def test_conv_short_rows(size, kernel, stride, pads, batch, group, bits):
               size=size)
 
 
+PADDED_TAP_CASES = [
+    # size, kernel, stride, dilation, pads, batch
+    ([4, 4], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 8),
+    ([2, 2], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 13),
+    ([1, 1], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 20),
+    ([5, 6], [5, 3], [1, 2], [1, 1], [2, 1, 3, 0], 3),
+    ([7, 7], [3, 3], [1, 1], [2, 2], [2, 2, 2, 2], 1),
+    ([6, 5], [3, 3], [2, 2], [1, 1], [0, 2, 2, 1], 6),
+    ([9], [3], [1], [1], [1, 1], 12),
+]
+
+
+def padded_tap_case(size, kernel, stride, dilation, pads, batch, threads=1):
+    """Small planes whose border pixels read padding with some taps: 40 input channels
+    of 3x3 taps span two 256-deep reduction blocks; 40 output channels leave a partial
+    block of 32."""
+    conv_case(np.random.default_rng(batch + sum(pads)), spatial=len(size), batch=batch, cin=40, cout=40, group=1,
+              kernel=kernel, stride=stride, dilation=dilation, pads=pads, auto_pad="NOTSET", bits=4, group_size=1,
+              bias=True, activation="Relu", residual=True, threads=threads, size=size)
+
+
+@pytest.mark.parametrize("case", PADDED_TAP_CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_skips_padded_taps(case, threads):
+    # With AVX-512 the pixel-major tiles skip the taps that read padding for all their
+    # pixels: row tiles skip tap rows, tiles of one pixel across images skip exactly
+    # that pixel's padded taps.  test_fallback_kernels_in_subprocess forces each tiling.
+    padded_tap_case(*case, threads=threads)
+
+
 @pytest.mark.parametrize("batch", [2, 4, 9])
 @pytest.mark.parametrize("path", ["phase", "columns", "depthwise"])
 def test_conv_batch_split(batch, path):
@@ -648,12 +678,14 @@ def test_session_helper_registers_library():
 
 
 @pytest.mark.parametrize(
-    "kernels", ["ONNX_CODEBOOK_PORTABLE", "ONNX_CODEBOOK_NO_AVX512", "ONNX_CODEBOOK_PIXEL_GEMM", "ONNX_CODEBOOK_NO_VBMI"]
+    "kernels",
+    ["ONNX_CODEBOOK_PORTABLE", "ONNX_CODEBOOK_NO_AVX512", "ONNX_CODEBOOK_PIXEL_GEMM", "ONNX_CODEBOOK_NO_VBMI",
+     "ONNX_CODEBOOK_PIXEL_TILES=rows", "ONNX_CODEBOOK_PIXEL_TILES=images"],
 )
 def test_fallback_kernels_in_subprocess(kernels):
     """The portable and the AVX2-only kernels, the pixel-major convolution for every
-    geometry, and the PDEP index decoding where the CPU has VBMI (forced by environment
-    variables), give the same results."""
+    geometry, the PDEP index decoding where the CPU has VBMI, and each tiling of the
+    pixel-major convolution (forced by environment variables), give the same results."""
     import subprocess
     import sys
 
@@ -675,8 +707,13 @@ def test_fallback_kernels_in_subprocess(kernels):
         "t.conv_case(np.random.default_rng(8), batch=2, cin=40, cout=100, group=1, kernel=[3, 3], stride=[1, 1],\n"
         "            dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad='NOTSET', bits=4, group_size=1, bias=True,\n"
         "            activation='Relu', residual=True, threads=2)\n"
+        "for case in t.PADDED_TAP_CASES:\n"
+        "    t.padded_tap_case(*case, threads=2)\n"
     )
     env = dict(os.environ, ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()))
-    env[kernels] = "1"
+    name, _, value = kernels.partition("=")
+    env[name] = value or "1"
+    if name == "ONNX_CODEBOOK_PIXEL_TILES":
+        env["ONNX_CODEBOOK_PIXEL_GEMM"] = "1"
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

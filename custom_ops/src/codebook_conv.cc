@@ -17,8 +17,11 @@
 // is written for the last time.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "codebook_ops.h"
@@ -205,12 +208,17 @@ PixelGemmSpec ConvGemmSpec(const CodebookWeight& w, const ConvGeometry& g, const
 // The pixel-major GEMM of all groups: group g reads B(k, column) at
 // b + g * group_b + offsets[k] + column.
 void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, const float* b, int64_t group_b,
-                   const int64_t* offsets, const std::vector<PixelTile>& tiles, const float* bias, const float* z,
+                   const int64_t* offsets, const std::vector<PixelTile>& tiles,
+                   const std::vector<std::vector<int32_t>>* k_lists, const float* bias, const float* z,
                    const Epilogue& act, float* y, const OrtKernelContext* ctx) {
   PixelGemmSpec spec = ConvGemmSpec(w, g, b, group_b, bias, z, act, y);
   spec.b_offsets = offsets;
   spec.tiles = tiles.data();
   spec.num_tiles = static_cast<int64_t>(tiles.size());
+  if (k_lists) {
+    spec.k_lists = k_lists->data();
+    spec.num_k_lists = static_cast<int64_t>(k_lists->size());
+  }
   RunPixelGemm(spec, ctx);
 }
 
@@ -273,7 +281,7 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
     tiles.push_back({at, at, length});
     at += length;
   }
-  ConvPixelGemm(w, g, cols.data(), w.cols * ld, offsets.data(), tiles, bias, z, act, y, ctx);
+  ConvPixelGemm(w, g, cols.data(), w.cols * ld, offsets.data(), tiles, nullptr, bias, z, act, y, ctx);
 }
 
 // Implicit-GEMM convolution without im2col.  The batch is copied once, zero-padded
@@ -371,29 +379,139 @@ class PhaseConv {
 // slower once the grid spills out of L2.
 constexpr int64_t kGridFloats = int64_t{1} << 18;
 
-// Tiles of the pixel-major GEMM over `count` images of the phase grid: runs of output
-// pixels that are contiguous in the grid (a whole image when the grid has no junk
-// columns, else an output row), each split evenly into tiles of at most 12.
-std::vector<PixelTile> PixelTiles(const PhaseConv& pc, int64_t count) {
+// Tiles of the pixel-major GEMM over `count` images of the phase grid, with the
+// reduction lists of the tiles that skip taps.
+struct PixelPlan {
+  std::vector<PixelTile> tiles;
+  std::vector<std::vector<int32_t>> k_lists;
+  double cost = 0;  // multiply-add steps, each pixel-major kernel step weighted by its fixed cost
+};
+
+// Tap (i, j) reads inside the image for some pixel of a tile when tap row i does for
+// one of its output rows [oh0, oh1] and tap column j for one of its output columns
+// [ow0, ow1]; the others read zero padding for every pixel, and the tile skips them.
+class TapClasses {
+ public:
+  TapClasses(const ConvGeometry& g, PixelPlan& plan) : g_(g), plan_(plan) {}
+
+  // The class of a tile spanning those output rows and columns (-1: it reads every
+  // tap); `taps`: how many it reads.
+  int32_t Of(int64_t oh0, int64_t oh1, int64_t ow0, int64_t ow1, int64_t* taps) {
+    std::vector<bool> valid(static_cast<size_t>(g_.kh * g_.kw));
+    *taps = 0;
+    for (int64_t i = 0; i < g_.kh; ++i) {
+      const bool row = Reaches(oh0, oh1, g_.sh, g_.dh, i, g_.pad_top, g_.height);
+      for (int64_t j = 0; j < g_.kw; ++j) {
+        valid[i * g_.kw + j] = row && Reaches(ow0, ow1, g_.sw, g_.dw, j, g_.pad_left, g_.width);
+        *taps += valid[i * g_.kw + j];
+      }
+    }
+    if (*taps == g_.kh * g_.kw) return -1;
+    const auto [it, added] = ids_.try_emplace(valid, static_cast<int32_t>(plan_.k_lists.size()));
+    if (added) {
+      std::vector<int32_t> list;
+      const int64_t taps_all = g_.kh * g_.kw;
+      for (int64_t k = 0; k < g_.cin_per_group * taps_all; ++k) {
+        if (valid[k % taps_all]) list.push_back(static_cast<int32_t>(k));
+      }
+      plan_.k_lists.push_back(std::move(list));
+    }
+    return it->second;
+  }
+
+ private:
+  // Whether o * stride - pad + tap * dilation lies in [0, size) for some o in [o0, o1].
+  static bool Reaches(int64_t o0, int64_t o1, int64_t stride, int64_t dilation, int64_t tap, int64_t pad,
+                      int64_t size) {
+    const int64_t shift = tap * dilation - pad;
+    // the least o with o * stride + shift >= 0, and the greatest with it < size
+    const int64_t first = shift >= 0 ? 0 : (-shift + stride - 1) / stride;
+    const int64_t last = size - 1 - shift < 0 ? -1 : (size - 1 - shift) / stride;
+    return std::max(o0, first) <= std::min(o1, last);
+  }
+
+  const ConvGeometry& g_;
+  PixelPlan& plan_;
+  std::map<std::vector<bool>, int32_t> ids_;
+};
+
+// The fixed cost of a kernel step (the weight loads and the reduction index), in
+// pixel-steps.
+constexpr double kPixelStepCost = 1.5;
+
+// Row tiles: runs of output pixels that are contiguous in the grid (a whole image when
+// the grid has no junk columns, else an output row), each split evenly into tiles of
+// at most 12.  A tile skips the tap rows that read padding for its output row.
+PixelPlan RowTiles(const PhaseConv& pc, int64_t count) {
   const ConvGeometry& g = pc.g;
   const int64_t P = g.out_h * g.out_w;
   const bool whole = pc.wq == g.out_w;
   const int64_t run = whole ? P : g.out_w, runs = whole ? 1 : g.out_h;
   const int64_t pieces = (run + 11) / 12, base = run / pieces, longer = run % pieces;
-  std::vector<PixelTile> tiles;
-  tiles.reserve(static_cast<size_t>(count * runs * pieces));
-  for (int64_t n = 0; n < count; ++n) {
-    for (int64_t r = 0; r < runs; ++r) {
-      int64_t grid = n * pc.image + r * pc.wq, out = n * P + r * g.out_w;
-      for (int64_t i = 0; i < pieces; ++i) {
-        const int64_t length = base + (i < longer ? 1 : 0);
-        tiles.push_back({grid, out, length});
-        grid += length;
-        out += length;
-      }
+  PixelPlan plan;
+  TapClasses classes(g, plan);
+  std::vector<PixelTile> image;  // the tiles of the first image
+  for (int64_t r = 0; r < runs; ++r) {
+    int64_t grid = r * pc.wq, out = r * g.out_w;
+    for (int64_t i = 0; i < pieces; ++i) {
+      const int64_t length = base + (i < longer ? 1 : 0);
+      const int64_t first = out, last = out + length - 1;  // output pixels
+      const bool one_row = first / g.out_w == last / g.out_w;
+      int64_t taps = 0;
+      const int32_t klass = classes.Of(first / g.out_w, last / g.out_w, one_row ? first % g.out_w : 0,
+                                       one_row ? last % g.out_w : g.out_w - 1, &taps);
+      image.push_back({grid, out, length, 1, 1, klass});
+      plan.cost += static_cast<double>(taps) * (static_cast<double>(length) + kPixelStepCost);
+      grid += length;
+      out += length;
     }
   }
-  return tiles;
+  plan.cost *= static_cast<double>(count);
+  plan.tiles.reserve(image.size() * static_cast<size_t>(count));
+  for (int64_t n = 0; n < count; ++n) {
+    for (PixelTile tile : image) {
+      tile.grid += n * pc.image;
+      tile.out += n * P;
+      plan.tiles.push_back(tile);
+    }
+  }
+  return plan;
+}
+
+// Pixel tiles: one output pixel of up to 12 images, so that a tile skips exactly the
+// taps that read padding for that pixel (on a 4x4 plane a 3x3 kernel reads 100 of
+// its 144 taps).
+PixelPlan PixelTilesAcrossImages(const PhaseConv& pc, int64_t count) {
+  const ConvGeometry& g = pc.g;
+  const int64_t P = g.out_h * g.out_w;
+  const int64_t pieces = (count + 11) / 12, base = count / pieces, longer = count % pieces;
+  PixelPlan plan;
+  TapClasses classes(g, plan);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t oh = p / g.out_w, ow = p % g.out_w;
+    int64_t taps = 0;
+    const int32_t klass = classes.Of(oh, oh, ow, ow, &taps);
+    for (int64_t i = 0, n = 0; i < pieces; ++i) {
+      const int64_t length = base + (i < longer ? 1 : 0);
+      plan.tiles.push_back({n * pc.image + oh * pc.wq + ow, n * P + p, length, pc.image, P, klass});
+      plan.cost += static_cast<double>(taps) * (static_cast<double>(length) + kPixelStepCost);
+      n += length;
+    }
+  }
+  // tiles in the order of their first columns
+  std::stable_sort(plan.tiles.begin(), plan.tiles.end(),
+                   [](const PixelTile& a, const PixelTile& b) { return a.out < b.out; });
+  return plan;
+}
+
+// The cheaper of the two tilings (ONNX_CODEBOOK_PIXEL_TILES=rows / images forces one).
+PixelPlan PlanPixelTiles(const PhaseConv& pc, int64_t count) {
+  static const char* forced = std::getenv("ONNX_CODEBOOK_PIXEL_TILES");
+  const std::string force = forced ? forced : "";
+  PixelPlan rows = RowTiles(pc, count);
+  if (count < 2 || force == "rows") return rows;
+  PixelPlan images = PixelTilesAcrossImages(pc, count);
+  return force == "images" || images.cost < rows.cost ? images : rows;
 }
 
 // Whether the pixel-major GEMM computes fewer multiply-adds than the blocked GEMM
@@ -411,15 +529,34 @@ bool PreferPixelGemm(const PhaseConv& pc, int64_t count) {
   return 1.1 * pixel < blocked;
 }
 
+// Images per phase grid.
+int64_t ImagesPerGrid(const ConvGeometry& g) {
+  const PhaseConv one(g, 1);
+  // A 1x1 convolution that reads its input in place runs image by image: copying the
+  // batch into a phase buffer measured slower than decoding the weights per image.
+  if (one.in_place) return 1;
+  return std::clamp<int64_t>(kGridFloats / std::max<int64_t>(1, g.out_channels * one.image), 1, g.batch);
+}
+
+// Whether the explicit im2col's pixel-major tiles (all taps, up to 12 columns across
+// rows and images) cost less than the phase grid's (which skip the taps that read
+// padding, per output row or per pixel across images).  512 -> 512 3x3 on 2x2, batch 8:
+// 1.72 ms by im2col, 1.12 ms by pixel tiles across images.
+bool PreferIm2colTiles(const ConvGeometry& g) {
+  const int64_t images = ImagesPerGrid(g);
+  const PhaseConv pc(g, images);
+  if (!PreferPixelGemm(pc, images)) return true;
+  const int64_t columns = g.batch * g.out_h * g.out_w, pieces = (columns + 11) / 12;
+  const double im2col = static_cast<double>(g.kh * g.kw) *
+                        (static_cast<double>(columns) + kPixelStepCost * static_cast<double>(pieces));
+  const double phase = PlanPixelTiles(pc, images).cost * static_cast<double>(g.batch) / static_cast<double>(images);
+  return im2col < phase;
+}
+
 void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
                    const Epilogue& act, float* y, const OrtKernelContext* ctx) {
   const int64_t P = g.out_h * g.out_w;
-  const PhaseConv one(g, 1);
-  const int64_t per_image = g.out_channels * one.image;
-  // A 1x1 convolution that reads its input in place runs image by image: copying the
-  // batch into a phase buffer measured slower than decoding the weights per image.
-  const int64_t images =
-      one.in_place ? 1 : std::clamp<int64_t>(kGridFloats / std::max<int64_t>(1, per_image), 1, g.batch);
+  const int64_t images = ImagesPerGrid(g);
   const PhaseConv pc(g, images);
   const bool pixel_major = PreferPixelGemm(pc, images);
   std::unique_ptr<CallBuffer> buf, grid;
@@ -436,9 +573,9 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
     float* y_n = y + n0 * g.out_channels * P;
     const float* z_n = z ? z + n0 * g.out_channels * P : nullptr;
     if (pixel_major) {
-      const std::vector<PixelTile> tiles = PixelTiles(pc, count);
+      const PixelPlan plan = PlanPixelTiles(pc, count);
       ConvPixelGemm(w, g, base, g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride),
-                    pc.offsets.data(), tiles, bias, z_n, act, y_n, ctx);
+                    pc.offsets.data(), plan.tiles, &plan.k_lists, bias, z_n, act, y_n, ctx);
       continue;
     }
     if (!pc.grid_is_output && !grid) {
@@ -527,12 +664,13 @@ void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, con
     return;
   }
   // The phase grid's pixel-major tiles are runs of one output row (of one image when
-  // the grid has no junk columns, i.e. the kernel span fits the stride).  Runs of at
-  // most 3 pixels are worth an explicit im2col, whose tiles cross rows and images:
-  // 512 -> 512 3x3 on 2x2, batch 8: 2.34 -> 1.85 ms, on 3x3: 1.17 -> 0.95 ms.  With
-  // runs of 4 it measured slower (and much slower on larger grids).
+  // the grid has no junk columns, i.e. the kernel span fits the stride), or one pixel
+  // across images.  Where rows have at most 3 pixels and the batch is small, an
+  // explicit im2col, whose tiles cross rows and images, can be cheaper (runs of 4
+  // measured slower, and much slower on larger grids).
   const int64_t run = (g.kw - 1) * g.dw + 1 <= g.sw ? P : g.out_w;
-  if (HasPixelGemm() && small_input && run <= 3 && g.group * w.cols * columns <= kGridFloats) {
+  if (HasPixelGemm() && small_input && run <= 3 && g.group * w.cols * columns <= kGridFloats &&
+      PreferIm2colTiles(g)) {
     Im2colPixelConv(w, g, x, bias, z, act, y, ctx);
     return;
   }

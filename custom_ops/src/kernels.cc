@@ -1082,52 +1082,69 @@ void RowsTimesWeightAvx512Dispatch(const CodebookWeight& w, const float* a, int6
 
 // ------------------------------------------------------- pixel-major GEMM (AVX-512)
 
-// R output pixels x 32 output channels: out[i * 32 + j] (+)= sum_k b[boff[k] + i] * panel[k * 32 + j].
-// The pixels are broadcast and the channels are the vector lanes, so a plane of 49
-// pixels costs 49 columns, not 64.  Each block of kc is summed on its own and then
+// R output pixels x 32 output channels: out[i * ostep + j] (+)= sum_k b[boff[k] + i * bstep]
+// * panel[(k - k0) * 32 + j], over k in [k0, k0 + kc), or over the kc entries of ks with
+// kList.  The pixels are broadcast and the channels are the vector lanes, so a plane of
+// 49 pixels costs 49 columns, not 64.  Each block of k is summed on its own and then
 // added (shorter rounding chains than one running sum over the whole reduction).
-template <int R>
-AVX512_TARGET void PixelKernel(int64_t kc, const float* b, const int64_t* boff, const float* panel, float* out,
-                               bool accumulate) {
+struct PixelArgs {
+  int64_t kc, k0;
+  const int32_t* ks;
+  const float* b;
+  int64_t bstep;
+  const int64_t* boff;
+  const float* panel;
+  float* out;
+  int64_t ostep;
+  bool accumulate;
+};
+
+template <int R, bool kList, bool kStrided>
+AVX512_TARGET void PixelKernel(const PixelArgs& a) {
   __m512 acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k, panel += 32) {
-    const float* bk = b + boff[k];
-    _mm_prefetch(reinterpret_cast<const char*>(b + boff[std::min(k + kPrefetchRows, kc - 1)]), _MM_HINT_T0);
-    const __m512 w0 = _mm512_loadu_ps(panel), w1 = _mm512_loadu_ps(panel + 16);
+  const int64_t step = kStrided ? a.bstep : 1, last = a.kc - 1;
+  for (int64_t j = 0; j < a.kc; ++j) {
+    const int64_t k = kList ? a.ks[j] : a.k0 + j;
+    const float* bk = a.b + a.boff[k];
+    const int64_t ahead = kList ? a.ks[std::min(j + kPrefetchRows, last)] : a.k0 + std::min(j + kPrefetchRows, last);
+    _mm_prefetch(reinterpret_cast<const char*>(a.b + a.boff[ahead]), _MM_HINT_T0);
+    const float* wk = a.panel + (k - a.k0) * 32;
+    const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
     for (int i = 0; i < R; ++i) {
-      const __m512 ai = _mm512_set1_ps(bk[i]);
+      const __m512 ai = _mm512_set1_ps(bk[i * step]);
       acc[i][0] = _mm512_fmadd_ps(ai, w0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(ai, w1, acc[i][1]);
     }
   }
   for (int i = 0; i < R; ++i) {
-    if (accumulate) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(out + i * 32));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(out + i * 32 + 16));
+    float* o = a.out + i * a.ostep;
+    if (a.accumulate) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(o));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(o + 16));
     }
-    _mm512_storeu_ps(out + i * 32, acc[i][0]);
-    _mm512_storeu_ps(out + i * 32 + 16, acc[i][1]);
+    _mm512_storeu_ps(o, acc[i][0]);
+    _mm512_storeu_ps(o + 16, acc[i][1]);
   }
 }
 
-AVX512_TARGET void PixelKernelDispatch(int64_t r, int64_t kc, const float* b, const int64_t* boff, const float* panel,
-                                       float* out, bool accumulate) {
-  switch (r) {
-    case 1: return PixelKernel<1>(kc, b, boff, panel, out, accumulate);
-    case 2: return PixelKernel<2>(kc, b, boff, panel, out, accumulate);
-    case 3: return PixelKernel<3>(kc, b, boff, panel, out, accumulate);
-    case 4: return PixelKernel<4>(kc, b, boff, panel, out, accumulate);
-    case 5: return PixelKernel<5>(kc, b, boff, panel, out, accumulate);
-    case 6: return PixelKernel<6>(kc, b, boff, panel, out, accumulate);
-    case 7: return PixelKernel<7>(kc, b, boff, panel, out, accumulate);
-    case 8: return PixelKernel<8>(kc, b, boff, panel, out, accumulate);
-    case 9: return PixelKernel<9>(kc, b, boff, panel, out, accumulate);
-    case 10: return PixelKernel<10>(kc, b, boff, panel, out, accumulate);
-    case 11: return PixelKernel<11>(kc, b, boff, panel, out, accumulate);
-    case 12: return PixelKernel<12>(kc, b, boff, panel, out, accumulate);
-    default: throw std::logic_error("PixelKernel: tile of " + std::to_string(r) + " pixels");
+template <bool kList, bool kStrided, int... R>
+AVX512_TARGET void PixelKernelDispatch(int64_t r, const PixelArgs& a, std::integer_sequence<int, R...>) {
+  using Fn = void (*)(const PixelArgs&);
+  static constexpr Fn kernels[] = {&PixelKernel<R + 1, kList, kStrided>...};
+  if (r < 1 || r > static_cast<int64_t>(sizeof...(R))) {
+    throw std::logic_error("PixelKernel: tile of " + std::to_string(r) + " pixels");
   }
+  kernels[r - 1](a);
+}
+
+AVX512_TARGET void RunPixelKernel(int64_t r, const PixelArgs& a) {
+  constexpr auto tiles = std::make_integer_sequence<int, 12>{};
+  const bool strided = a.bstep != 1;
+  if (a.ks) {
+    return strided ? PixelKernelDispatch<true, true>(r, a, tiles) : PixelKernelDispatch<true, false>(r, a, tiles);
+  }
+  return strided ? PixelKernelDispatch<false, true>(r, a, tiles) : PixelKernelDispatch<false, false>(r, a, tiles);
 }
 
 // ------------------------------------------------------- lane GEMM (AVX-512)
@@ -1654,27 +1671,82 @@ void RunPixelGemm(const PixelGemmSpec& s, const OrtKernelContext* ctx) {
   const int64_t workers = PoolWorkers();
   const int64_t blocks = (s.M + 31) / 32, units = s.groups * blocks;
   const int64_t parts = std::clamp<int64_t>((2 * workers + units - 1) / units, 1, s.num_tiles);
+  // The C columns of each part: [col0, col1), and whether any tile is strided (then
+  // they are stored in the runs the part's tiles cover).
+  struct Part {
+    int64_t t0, t1, col0, col1;
+    std::vector<std::pair<int64_t, int64_t>> runs;
+  };
+  std::vector<Part> part_of(static_cast<size_t>(parts));
+  for (int64_t part = 0; part < parts; ++part) {
+    Part& p = part_of[part];
+    p.t0 = s.num_tiles * part / parts;
+    p.t1 = s.num_tiles * (part + 1) / parts;
+    p.col0 = INT64_MAX;
+    p.col1 = 0;
+    bool strided = false;
+    for (int64_t t = p.t0; t < p.t1; ++t) {
+      const PixelTile& tile = s.tiles[t];
+      p.col0 = std::min(p.col0, tile.out);
+      p.col1 = std::max(p.col1, tile.out + (tile.length - 1) * tile.out_step + 1);
+      strided = strided || (tile.length > 1 && tile.out_step != 1);
+    }
+    if (p.t0 >= p.t1) continue;
+    if (!strided) {
+      p.runs.emplace_back(p.col0, p.col1);
+      continue;
+    }
+    std::vector<uint8_t> covered(static_cast<size_t>(p.col1 - p.col0), 0);
+    for (int64_t t = p.t0; t < p.t1; ++t) {
+      const PixelTile& tile = s.tiles[t];
+      for (int64_t i = 0; i < tile.length; ++i) covered[tile.out + i * tile.out_step - p.col0] = 1;
+    }
+    for (int64_t c = 0; c < p.col1 - p.col0;) {
+      if (!covered[c]) {
+        ++c;
+        continue;
+      }
+      const int64_t begin = c;
+      while (c < p.col1 - p.col0 && covered[c]) ++c;
+      p.runs.emplace_back(p.col0 + begin, p.col0 + c);
+    }
+  }
   ParallelFor(ctx, units * parts, [&](int64_t task) {
     thread_local std::vector<float> panel_buf, acc_buf;
-    const int64_t unit = task % units, part = task / units;
+    const int64_t unit = task % units;
+    const Part& p = part_of[task / units];
+    if (p.t0 >= p.t1) return;
     const int64_t grp = unit / blocks, block = unit % blocks;
-    const int64_t t0 = s.num_tiles * part / parts, t1 = s.num_tiles * (part + 1) / parts;
-    if (t0 >= t1) return;
-    const int64_t col0 = s.tiles[t0].out, col1 = s.tiles[t1 - 1].out + s.tiles[t1 - 1].length;
     const int64_t i0 = block * 32, rows = std::min<int64_t>(32, s.M - i0);
-    const float* b = s.b + grp * s.group_b;
     float* panel = Scratch(panel_buf, static_cast<size_t>(32 * kKC + 8 * 32 + 8));
-    float* acc = Scratch(acc_buf, static_cast<size_t>((col1 - col0) * 32));
+    float* acc = Scratch(acc_buf, static_cast<size_t>((p.col1 - p.col0) * 32));
+    PixelArgs a{};
+    a.b = s.b + grp * s.group_b;
+    a.boff = s.b_offsets;
+    a.panel = panel;
     for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
       const int64_t kc = std::min(kKC, s.K - k0);
       PackWeightPanels(*s.w, s.row0 + grp * s.M, i0, rows, k0, kc, 32, panel);
-      for (int64_t t = t0; t < t1; ++t) {
+      a.k0 = k0;
+      a.accumulate = k0 > 0;
+      for (int64_t t = p.t0; t < p.t1; ++t) {
         const PixelTile& tile = s.tiles[t];
-        PixelKernelDispatch(tile.length, kc, b + tile.grid, s.b_offsets + k0, panel, acc + (tile.out - col0) * 32,
-                            k0 > 0);
+        a.kc = kc;
+        a.ks = nullptr;
+        if (tile.klass >= 0) {  // the block's part of the tile's list
+          const std::vector<int32_t>& list = s.k_lists[tile.klass];
+          const auto lo = std::lower_bound(list.begin(), list.end(), k0);
+          a.ks = list.data() + (lo - list.begin());
+          a.kc = std::lower_bound(lo, list.end(), k0 + kc) - lo;
+        }
+        a.b = s.b + grp * s.group_b + tile.grid;
+        a.bstep = tile.grid_step;
+        a.out = acc + (tile.out - p.col0) * 32;
+        a.ostep = tile.out_step * 32;
+        RunPixelKernel(tile.length, a);
       }
     }
-    StorePixelBlock(s, acc, grp * s.M + i0, rows, col0, col1);
+    for (const auto& [c0, c1] : p.runs) StorePixelBlock(s, acc + (c0 - p.col0) * 32, grp * s.M + i0, rows, c0, c1);
   });
 #else
   (void)s, (void)ctx;

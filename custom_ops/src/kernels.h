@@ -74,13 +74,18 @@ struct GemmSpec {
 
 // Pixel-major GEMM for convolutions on small planes (AVX-512 only): C = W B with the
 // output pixels broadcast and 32 output channels in the vector lanes, so that a plane
-// of 49 pixels is not padded to 64 columns.  B(k, g) = b[b_offsets[k] + g]; a tile is a
-// run of `length` (1..12) pixels at B columns [grid, grid + length) and C columns
-// [out, out + length).  Tiles are in column order and cover C columns [0, columns).
+// of 49 pixels is not padded to 64 columns.  B(k, g) = b[b_offsets[k] + g]; a tile is
+// `length` (1..12) pixels, pixel i at B column grid + i * grid_step and C column
+// out + i * out_step.  The tiles cover C columns [0, columns), each column once, and a
+// tile's first column is after the first columns of the tiles before it.
 // C(i, j) = act(bias[i] + add(i, j) + sum_k w(row0 + i, k) B(k, g)) at
 // c[i * row_stride + (j / col_div) * col_outer + j % col_div], add indexed like c.
+// A tile of class q >= 0 sums over k in k_lists[q] only (ascending): the other k read
+// zero padding for each of its pixels.
 struct PixelTile {
   int64_t grid = 0, out = 0, length = 0;
+  int64_t grid_step = 1, out_step = 1;
+  int32_t klass = -1;
 };
 struct PixelGemmSpec {
   const CodebookWeight* w = nullptr;
@@ -93,6 +98,8 @@ struct PixelGemmSpec {
   const int64_t* b_offsets = nullptr;
   const PixelTile* tiles = nullptr;
   int64_t num_tiles = 0;
+  const std::vector<int32_t>* k_lists = nullptr;
+  int64_t num_k_lists = 0;
   const float* bias = nullptr;
   const float* add = nullptr;
   Epilogue act;
