@@ -384,7 +384,8 @@ constexpr int64_t kGridFloats = int64_t{1} << 18;
 struct PixelPlan {
   std::vector<PixelTile> tiles;
   std::vector<std::vector<int32_t>> k_lists;
-  double cost = 0;  // multiply-add steps, each pixel-major kernel step weighted by its fixed cost
+  double cost = 0;        // kernel steps, each weighted by its pixels plus its fixed cost
+  double pixel_taps = 0;  // (pixel, tap) pairs summed over
 };
 
 // Tap (i, j) reads inside the image for some pixel of a tile when tap row i does for
@@ -462,11 +463,13 @@ PixelPlan RowTiles(const PhaseConv& pc, int64_t count) {
                                        one_row ? last % g.out_w : g.out_w - 1, &taps);
       image.push_back({grid, out, length, 1, 1, klass});
       plan.cost += static_cast<double>(taps) * (static_cast<double>(length) + kPixelStepCost);
+      plan.pixel_taps += static_cast<double>(taps * length);
       grid += length;
       out += length;
     }
   }
   plan.cost *= static_cast<double>(count);
+  plan.pixel_taps *= static_cast<double>(count);
   plan.tiles.reserve(image.size() * static_cast<size_t>(count));
   for (int64_t n = 0; n < count; ++n) {
     for (PixelTile tile : image) {
@@ -495,12 +498,10 @@ PixelPlan PixelTilesAcrossImages(const PhaseConv& pc, int64_t count) {
       const int64_t length = base + (i < longer ? 1 : 0);
       plan.tiles.push_back({n * pc.image + oh * pc.wq + ow, n * P + p, length, pc.image, P, klass});
       plan.cost += static_cast<double>(taps) * (static_cast<double>(length) + kPixelStepCost);
+      plan.pixel_taps += static_cast<double>(taps * length);
       n += length;
     }
   }
-  // tiles in the order of their first columns
-  std::stable_sort(plan.tiles.begin(), plan.tiles.end(),
-                   [](const PixelTile& a, const PixelTile& b) { return a.out < b.out; });
   return plan;
 }
 
@@ -514,19 +515,22 @@ PixelPlan PlanPixelTiles(const PhaseConv& pc, int64_t count) {
   return force == "images" || images.cost < rows.cost ? images : rows;
 }
 
-// Whether the pixel-major GEMM computes fewer multiply-adds than the blocked GEMM
-// over the phase grid (which pads rows to pairs of 6 and grid columns to strips of
-// 32, junk columns included); it decodes transposed weights, so it must win by 10 %.
-bool PreferPixelGemm(const PhaseConv& pc, int64_t count) {
+// Whether the pixel-major GEMM (tiled as in `plan`) computes fewer multiply-adds than
+// the blocked GEMM over the phase grid, which pads rows to pairs of 6 and grid
+// columns to strips of 32, junk columns and padded taps included.  A 1x1 kernel's
+// blocked GEMM measured about 10 % faster per multiply-add (256 -> 64 on 56x56,
+// batch 8: 9.3 vs 10.4 ms), a 3x3 kernel's no faster (64 -> 64 on 56x56, batch 1:
+// 2.39 vs 2.19 ms by pixel tiles that skip 1 % of the taps).
+bool PreferPixelGemm(const PhaseConv& pc, int64_t count, const PixelPlan& plan) {
   if (!HasPixelGemm()) return false;
   if (ForcePixelGemm()) return true;
   const ConvGeometry& g = pc.g;
   const int64_t columns = (count - 1) * pc.image + g.out_h * pc.wq;
   const double blocked = static_cast<double>((g.cout_per_group + 5) / 6 * 6) *
                          static_cast<double>((columns + kNR - 1) / kNR * kNR);
-  const double pixel = static_cast<double>((g.cout_per_group + 31) / 32 * 32) *
-                       static_cast<double>(count * g.out_h * g.out_w);
-  return 1.1 * pixel < blocked;
+  const double pixel = static_cast<double>((g.cout_per_group + 31) / 32 * 32) * plan.pixel_taps /
+                       static_cast<double>(g.kh * g.kw);
+  return (g.kh * g.kw == 1 ? 1.1 : 1.0) * pixel < blocked;
 }
 
 // Images per phase grid.
@@ -545,11 +549,12 @@ int64_t ImagesPerGrid(const ConvGeometry& g) {
 bool PreferIm2colTiles(const ConvGeometry& g) {
   const int64_t images = ImagesPerGrid(g);
   const PhaseConv pc(g, images);
-  if (!PreferPixelGemm(pc, images)) return true;
+  const PixelPlan plan = PlanPixelTiles(pc, images);
+  if (!PreferPixelGemm(pc, images, plan)) return true;
   const int64_t columns = g.batch * g.out_h * g.out_w, pieces = (columns + 11) / 12;
   const double im2col = static_cast<double>(g.kh * g.kw) *
                         (static_cast<double>(columns) + kPixelStepCost * static_cast<double>(pieces));
-  const double phase = PlanPixelTiles(pc, images).cost * static_cast<double>(g.batch) / static_cast<double>(images);
+  const double phase = plan.cost * static_cast<double>(g.batch) / static_cast<double>(images);
   return im2col < phase;
 }
 
@@ -558,7 +563,8 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
   const int64_t P = g.out_h * g.out_w;
   const int64_t images = ImagesPerGrid(g);
   const PhaseConv pc(g, images);
-  const bool pixel_major = PreferPixelGemm(pc, images);
+  PixelPlan plan = PlanPixelTiles(pc, images);
+  const bool pixel_major = PreferPixelGemm(pc, images, plan);
   std::unique_ptr<CallBuffer> buf, grid;
   if (!pc.in_place) buf = std::make_unique<CallBuffer>(ctx, static_cast<size_t>(pc.buffer_size));
   for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
@@ -573,7 +579,7 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
     float* y_n = y + n0 * g.out_channels * P;
     const float* z_n = z ? z + n0 * g.out_channels * P : nullptr;
     if (pixel_major) {
-      const PixelPlan plan = PlanPixelTiles(pc, count);
+      if (count != images) plan = PlanPixelTiles(pc, count);
       ConvPixelGemm(w, g, base, g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride),
                     pc.offsets.data(), plan.tiles, &plan.k_lists, bias, z_n, act, y_n, ctx);
       continue;

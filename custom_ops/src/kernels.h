@@ -76,8 +76,7 @@ struct GemmSpec {
 // output pixels broadcast and 32 output channels in the vector lanes, so that a plane
 // of 49 pixels is not padded to 64 columns.  B(k, g) = b[b_offsets[k] + g]; a tile is
 // `length` (1..12) pixels, pixel i at B column grid + i * grid_step and C column
-// out + i * out_step.  The tiles cover C columns [0, columns), each column once, and a
-// tile's first column is after the first columns of the tiles before it.
+// out + i * out_step.  The tiles cover C columns [0, columns), each column once.
 // C(i, j) = act(bias[i] + add(i, j) + sum_k w(row0 + i, k) B(k, g)) at
 // c[i * row_stride + (j / col_div) * col_outer + j % col_div], add indexed like c.
 // A tile of class q >= 0 sums over k in k_lists[q] only (ascending): the other k read
