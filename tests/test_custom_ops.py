@@ -343,6 +343,30 @@ def test_conv_skips_padded_taps(case, threads):
     padded_tap_case(*case, threads=threads)
 
 
+def test_conv_plans_follow_the_input_shape():
+    # A kernel keeps the plans of the last 8 geometries it ran: one session, inputs of
+    # 10 shapes (then the first ones again, evicted by then), each against plain Conv.
+    rng = np.random.default_rng(7)
+    wshape = [48, 24, 3, 3]
+    codebook, indices, weight = random_weight(rng, wshape, 0, 4, 1)
+    attrs = {"strides": [1, 1], "pads": [1, 1, 1, 1], "kernel_shape": [3, 3]}
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 24, "h", "w"])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    fused = make_model([helper.make_node(schema.CODEBOOK_CONV, ["x", "w.indices", "w.codebook"], ["y"],
+                                         domain=schema.DOMAIN, **attrs, **fused_attrs(4, wshape, 1))],
+                       [x_info], [y_info], codebook_inits(codebook, indices, 4), fused=True)
+    plain = make_model([helper.make_node("Conv", ["x", "W"], ["y"], **attrs)], [x_info], [y_info],
+                       [numpy_helper.from_array(weight, "W")], fused=False)
+    sessions = [ort.InferenceSession(m.SerializeToString(), ops.session_options(f, 2), providers=["CPUExecutionProvider"])
+                for m, f in ((fused, True), (plain, False))]
+    shapes = [(1, 8, 8), (8, 4, 4), (3, 2, 2), (12, 3, 5), (2, 7, 7), (5, 4, 4), (1, 14, 14), (9, 2, 2), (4, 6, 3),
+              (16, 1, 1), (1, 8, 8), (8, 4, 4), (3, 2, 2)]
+    for n, h, w in shapes:
+        x = rng.standard_normal((n, 24, h, w)).astype(np.float32)
+        got, want = (s.run(None, {"x": x})[0] for s in sessions)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * float(np.abs(want).max()), err_msg=str((n, h, w)))
+
+
 @pytest.mark.parametrize("batch", [2, 4, 9])
 @pytest.mark.parametrize("path", ["phase", "columns", "depthwise"])
 def test_conv_batch_split(batch, path):

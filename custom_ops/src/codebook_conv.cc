@@ -21,6 +21,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -542,29 +543,68 @@ int64_t ImagesPerGrid(const ConvGeometry& g) {
   return std::clamp<int64_t>(kGridFloats / std::max<int64_t>(1, g.out_channels * one.image), 1, g.batch);
 }
 
-// Whether the explicit im2col's pixel-major tiles (all taps, up to 12 columns across
-// rows and images) cost less than the phase grid's (which skip the taps that read
-// padding, per output row or per pixel across images).  512 -> 512 3x3 on 2x2, batch 8:
-// 1.72 ms by im2col, 1.12 ms by pixel tiles across images.
-bool PreferIm2colTiles(const ConvGeometry& g) {
-  const int64_t images = ImagesPerGrid(g);
-  const PhaseConv pc(g, images);
-  const PixelPlan plan = PlanPixelTiles(pc, images);
-  if (!PreferPixelGemm(pc, images, plan)) return true;
-  const int64_t columns = g.batch * g.out_h * g.out_w, pieces = (columns + 11) / 12;
-  const double im2col = static_cast<double>(g.kh * g.kw) *
-                        (static_cast<double>(columns) + kPixelStepCost * static_cast<double>(pieces));
-  const double phase = plan.cost * static_cast<double>(g.batch) / static_cast<double>(images);
-  return im2col < phase;
+// The plan of a phase-grid convolution: images per grid, the grid, the tilings and
+// the choices made from them, for one geometry.  Not movable (pc refers to g).
+struct PhasePlan {
+  explicit PhasePlan(const ConvGeometry& geom)
+      : g(geom), images(ImagesPerGrid(g)), pc(g, images), full(PlanPixelTiles(pc, images)) {
+    pixel_major = PreferPixelGemm(pc, images, full);
+    if (g.batch % images != 0) last = PlanPixelTiles(pc, g.batch % images);
+    // Whether the explicit im2col's pixel-major tiles (all taps, up to 12 columns
+    // across rows and images) would cost less than these (which skip the taps that
+    // read padding, per output row or per pixel across images).  512 -> 512 3x3 on
+    // 2x2, batch 8: 1.72 ms by im2col, 1.12 ms by pixel tiles across images.
+    const int64_t columns = g.batch * g.out_h * g.out_w, pieces = (columns + 11) / 12;
+    const double im2col = static_cast<double>(g.kh * g.kw) *
+                          (static_cast<double>(columns) + kPixelStepCost * static_cast<double>(pieces));
+    const double phase = full.cost * static_cast<double>(g.batch) / static_cast<double>(images);
+    prefer_im2col = !pixel_major || im2col < phase;
+  }
+  PhasePlan(const PhasePlan&) = delete;
+  PhasePlan& operator=(const PhasePlan&) = delete;
+
+  const ConvGeometry g;
+  const int64_t images;
+  const PhaseConv pc;
+  PixelPlan full, last;  // tiles of a full grid of images, and of the last grid if shorter
+  bool pixel_major = false, prefer_im2col = false;
+};
+
+bool SameGeometry(const ConvGeometry& a, const ConvGeometry& b) {
+  return std::memcmp(&a, &b, sizeof(ConvGeometry)) == 0;
 }
 
-void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
+}  // namespace
+
+// The plans of the last few geometries a kernel ran (the batch size or the image
+// size may change between runs); planning a tiling costs about 8 % of a 32 -> 128
+// 3x3 convolution on one 8x8 image.  Runs may be concurrent.
+class ConvPlans {
+ public:
+  std::shared_ptr<const PhasePlan> Get(const ConvGeometry& g) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& plan : plans_) {
+      if (SameGeometry(plan->g, g)) return plan;
+    }
+    auto plan = std::make_shared<const PhasePlan>(g);
+    if (plans_.size() >= 8) plans_.erase(plans_.begin());
+    plans_.push_back(plan);
+    return plan;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::shared_ptr<const PhasePlan>> plans_;
+};
+
+namespace {
+
+void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float* x, const float* bias, const float* z,
                    const Epilogue& act, float* y, const OrtKernelContext* ctx) {
-  const int64_t P = g.out_h * g.out_w;
-  const int64_t images = ImagesPerGrid(g);
-  const PhaseConv pc(g, images);
-  PixelPlan plan = PlanPixelTiles(pc, images);
-  const bool pixel_major = PreferPixelGemm(pc, images, plan);
+  const ConvGeometry& g = phase.g;
+  const PhaseConv& pc = phase.pc;
+  const int64_t P = g.out_h * g.out_w, images = phase.images;
+  const bool pixel_major = phase.pixel_major;
   std::unique_ptr<CallBuffer> buf, grid;
   if (!pc.in_place) buf = std::make_unique<CallBuffer>(ctx, static_cast<size_t>(pc.buffer_size));
   for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
@@ -579,7 +619,7 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
     float* y_n = y + n0 * g.out_channels * P;
     const float* z_n = z ? z + n0 * g.out_channels * P : nullptr;
     if (pixel_major) {
-      if (count != images) plan = PlanPixelTiles(pc, count);
+      const PixelPlan& plan = count == images ? phase.full : phase.last;
       ConvPixelGemm(w, g, base, g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride),
                     pc.offsets.data(), plan.tiles, &plan.k_lists, bias, z_n, act, y_n, ctx);
       continue;
@@ -655,7 +695,7 @@ void PhaseGemmConv(const CodebookWeight& w, const ConvGeometry& g, const float* 
 
 // One convolution call on the kernel that fits its geometry.
 void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
-             const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+             const Epilogue& act, float* y, ConvPlans& plans, const OrtKernelContext* ctx) {
   const int64_t P = g.out_h * g.out_w;
   if (g.cin_per_group == 1) {
     DirectConv(w, g, x, bias, z, act, y, ctx);
@@ -675,17 +715,19 @@ void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, con
   // explicit im2col, whose tiles cross rows and images, can be cheaper (runs of 4
   // measured slower, and much slower on larger grids).
   const int64_t run = (g.kw - 1) * g.dw + 1 <= g.sw ? P : g.out_w;
-  if (HasPixelGemm() && small_input && run <= 3 && g.group * w.cols * columns <= kGridFloats &&
-      PreferIm2colTiles(g)) {
+  const std::shared_ptr<const PhasePlan> phase = plans.Get(g);
+  if (HasPixelGemm() && small_input && run <= 3 && g.group * w.cols * columns <= kGridFloats && phase->prefer_im2col) {
     Im2colPixelConv(w, g, x, bias, z, act, y, ctx);
     return;
   }
-  PhaseGemmConv(w, g, x, bias, z, act, y, ctx);
+  PhaseGemmConv(w, *phase, x, bias, z, act, y, ctx);
 }
 
 }  // namespace
 
-ConvKernel::ConvKernel(const OrtKernelInfo* info) {
+ConvKernel::~ConvKernel() = default;
+
+ConvKernel::ConvKernel(const OrtKernelInfo* info) : plans_(std::make_unique<ConvPlans>()) {
   act_ = ReadEpilogue(info, op_);
   weight_ = LoadCodebookWeight(info, op_, ChannelAxis::kFirst, &weight_shape_);
   const size_t rank = weight_shape_.size();
@@ -808,12 +850,12 @@ void ConvKernel::Compute(OrtKernelContext* context) {
       ConvGeometry images = g;
       images.batch = n1 - n0;
       RunConv(weight_, images, x + n0 * in_image, bias, z ? z + n0 * out_image : nullptr, act_, y + n0 * out_image,
-              context);
+              *plans_, context);
     });
     return;
   }
   ResetPoolThreadsSeen();
-  RunConv(weight_, g, x, bias, z, act_, y, context);
+  RunConv(weight_, g, x, bias, z, act_, y, *plans_, context);
   if (PoolThreadsSeen() > threads) pool_threads_.store(PoolThreadsSeen(), std::memory_order_relaxed);
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -44,9 +45,12 @@ class GemmKernel {
   CodebookWeight weight_;
 };
 
+class ConvPlans;  // the plans of the geometries a kernel has run (codebook_conv.cc)
+
 class ConvKernel {
  public:
   explicit ConvKernel(const OrtKernelInfo* info);
+  ~ConvKernel();
   OrtStatus* ComputeV2(OrtKernelContext* context) noexcept;
 
  private:
@@ -60,6 +64,7 @@ class ConvKernel {
   CodebookWeight weight_;
   // Threads of the session's pool, as seen running this kernel's parallel loops
   std::atomic<int64_t> pool_threads_{1};
+  std::unique_ptr<ConvPlans> plans_;
 };
 
 // Op descriptors; inputs: X/A, indices, codebook[, bias/C][, Z (CodebookConv)].
