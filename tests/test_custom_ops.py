@@ -381,6 +381,16 @@ def test_conv_batch_split(batch, path):
               activation="Relu", residual=True, threads=2, size=size, runs=4)
 
 
+@pytest.mark.parametrize("size, cin", [([4, 4], 40), ([8, 8], 24), ([3, 5], 30)])
+def test_conv_channel_split(size, cin):
+    # One small image on 2 threads (from the second run of a session): each thread
+    # builds the whole input matrix itself (the im2col of 15-16 columns for the lanes,
+    # the phase grid) and computes its share of the 70 output channels.
+    conv_case(np.random.default_rng(cin), batch=1, cin=cin, cout=70, group=1, kernel=[3, 3], stride=[1, 1],
+              dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=4, group_size=1, bias=True,
+              activation="Relu", residual=True, threads=2, size=size, runs=3)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_conv_many_groups(threads, batch):

@@ -228,7 +228,7 @@ void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, const float* 
 // for the pixel-major GEMM, whose tiles of up to 12 columns then run across output
 // rows and images (a 4x4 plane would otherwise give runs of 4).
 void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias,
-                     const float* z, const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+                     const float* z, const Epilogue& act, float* y, int64_t threads, const OrtKernelContext* ctx) {
   const int64_t P = g.out_h * g.out_w, columns = g.batch * P;
   // the pixel-major tiles hold up to 12 columns: past that the lanes are fuller
   // (at 9-12 columns the pixel-major GEMM measured faster)
@@ -259,16 +259,38 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
   const int64_t planes = g.group * g.cin_per_group;
   const int64_t tasks = std::min(planes, 4 * PoolWorkers());
   const bool serial = g.group * w.cols * ld <= (reach <= 16 ? 8 : 1) * kSerialFloats;
-  ParallelFor(serial ? nullptr : ctx, tasks, [&](int64_t t) {
+  auto gather = [&](int64_t t, int64_t tasks, float* dst) {
     for (int64_t gc = planes * t / tasks; gc < planes * (t + 1) / tasks; ++gc) {
-      float* row = cols.data() + (gc / g.cin_per_group * w.cols + gc % g.cin_per_group * taps) * ld;
+      float* row = dst + (gc / g.cin_per_group * w.cols + gc % g.cin_per_group * taps) * ld;
       for (int64_t tap = 0; tap < taps; ++tap, row += ld) {
         for (int64_t at = 0; at < ld; at += 16) {
           GatherColumns(x + gc * in_plane, reach, from.data() + tap * span + at, std::min<int64_t>(16, ld - at), row + at);
         }
       }
     }
-  });
+  };
+  const int64_t lane_blocks = (g.cout_per_group + kLaneRows - 1) / kLaneRows;
+  if (lanes && serial && threads >= 2 && g.group == 1 && lane_blocks >= 2) {
+    // Small and on a pool of 2+ threads: each thread gathers the whole matrix itself
+    // and runs its share of the output channels, so that no thread reads what
+    // another wrote.
+    const int64_t parts = std::min(threads, lane_blocks);
+    ParallelFor(ctx, parts, [&](int64_t part) {
+      InlineParallelFor inline_here;
+      thread_local std::vector<float> own;
+      float* mine = Scratch(own, static_cast<size_t>(w.cols * ld));
+      gather(0, 1, mine);
+      const int64_t r0 = lane_blocks * part / parts * kLaneRows;
+      const int64_t r1 = std::min(g.cout_per_group, lane_blocks * (part + 1) / parts * kLaneRows);
+      PixelGemmSpec spec = ConvGemmSpec(w, g, mine, 0, bias ? bias + r0 : nullptr, z ? z + r0 * P : nullptr, act,
+                                        y + r0 * P);
+      spec.row0 = r0;
+      spec.M = r1 - r0;
+      RunLaneGemm(spec, columns, ctx);
+    });
+    return;
+  }
+  ParallelFor(serial ? nullptr : ctx, tasks, [&](int64_t t) { gather(t, tasks, cols.data()); });
   if (lanes) {
     RunLaneGemm(ConvGemmSpec(w, g, cols.data(), w.cols * ld, bias, z, act, y), columns, ctx);
     return;
@@ -600,11 +622,37 @@ class ConvPlans {
 namespace {
 
 void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float* x, const float* bias, const float* z,
-                   const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+                   const Epilogue& act, float* y, int64_t threads, const OrtKernelContext* ctx) {
   const ConvGeometry& g = phase.g;
   const PhaseConv& pc = phase.pc;
   const int64_t P = g.out_h * g.out_w, images = phase.images;
   const bool pixel_major = phase.pixel_major;
+  const int64_t blocks = (g.cout_per_group + 31) / 32;
+  if (pixel_major && !pc.in_place && images == g.batch && threads >= 2 && g.group == 1 && blocks >= 2 &&
+      g.channels * pc.channel_stride <= kSerialFloats) {
+    // A small grid on a pool of 2+ threads: each thread fills the whole grid itself
+    // and runs its share of the output channels, so that no thread reads what another
+    // wrote.
+    const int64_t parts = std::min(threads, blocks);
+    ParallelFor(ctx, parts, [&](int64_t part) {
+      InlineParallelFor inline_here;
+      thread_local std::vector<float> own;
+      float* grid = Scratch(own, static_cast<size_t>(pc.buffer_size));
+      pc.Fill(x, 0, g.batch, grid, nullptr);
+      const int64_t r0 = blocks * part / parts * 32, r1 = std::min(g.cout_per_group, blocks * (part + 1) / parts * 32);
+      PixelGemmSpec spec = ConvGemmSpec(w, g, grid, 0, bias ? bias + r0 : nullptr, z ? z + r0 * P : nullptr, act,
+                                        y + r0 * P);
+      spec.row0 = r0;
+      spec.M = r1 - r0;
+      spec.b_offsets = pc.offsets.data();
+      spec.tiles = phase.full.tiles.data();
+      spec.num_tiles = static_cast<int64_t>(phase.full.tiles.size());
+      spec.k_lists = phase.full.k_lists.data();
+      spec.num_k_lists = static_cast<int64_t>(phase.full.k_lists.size());
+      RunPixelGemm(spec, ctx);
+    });
+    return;
+  }
   std::unique_ptr<CallBuffer> buf, grid;
   if (!pc.in_place) buf = std::make_unique<CallBuffer>(ctx, static_cast<size_t>(pc.buffer_size));
   for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
@@ -695,7 +743,7 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
 
 // One convolution call on the kernel that fits its geometry.
 void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
-             const Epilogue& act, float* y, ConvPlans& plans, const OrtKernelContext* ctx) {
+             const Epilogue& act, float* y, ConvPlans& plans, int64_t threads, const OrtKernelContext* ctx) {
   const int64_t P = g.out_h * g.out_w;
   if (g.cin_per_group == 1) {
     DirectConv(w, g, x, bias, z, act, y, ctx);
@@ -705,7 +753,7 @@ void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, con
   // the explicit im2col's gather offsets are int32
   const bool small_input = g.batch * g.channels * g.height * g.width <= INT32_MAX;
   if (columns <= kFewColumns) {
-    HasPixelGemm() && small_input ? Im2colPixelConv(w, g, x, bias, z, act, y, ctx)
+    HasPixelGemm() && small_input ? Im2colPixelConv(w, g, x, bias, z, act, y, threads, ctx)
                                   : FewColumnsConv(w, g, x, bias, z, act, y, ctx);
     return;
   }
@@ -717,10 +765,10 @@ void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, con
   const int64_t run = (g.kw - 1) * g.dw + 1 <= g.sw ? P : g.out_w;
   const std::shared_ptr<const PhasePlan> phase = plans.Get(g);
   if (HasPixelGemm() && small_input && run <= 3 && g.group * w.cols * columns <= kGridFloats && phase->prefer_im2col) {
-    Im2colPixelConv(w, g, x, bias, z, act, y, ctx);
+    Im2colPixelConv(w, g, x, bias, z, act, y, threads, ctx);
     return;
   }
-  PhaseGemmConv(w, *phase, x, bias, z, act, y, ctx);
+  PhaseGemmConv(w, *phase, x, bias, z, act, y, threads, ctx);
 }
 
 }  // namespace
@@ -850,12 +898,12 @@ void ConvKernel::Compute(OrtKernelContext* context) {
       ConvGeometry images = g;
       images.batch = n1 - n0;
       RunConv(weight_, images, x + n0 * in_image, bias, z ? z + n0 * out_image : nullptr, act_, y + n0 * out_image,
-              *plans_, context);
+              *plans_, 1, context);
     });
     return;
   }
   ResetPoolThreadsSeen();
-  RunConv(weight_, g, x, bias, z, act_, y, *plans_, context);
+  RunConv(weight_, g, x, bias, z, act_, y, *plans_, threads, context);
   if (PoolThreadsSeen() > threads) pool_threads_.store(PoolThreadsSeen(), std::memory_order_relaxed);
 }
 

@@ -1655,7 +1655,7 @@ float* Scratch(std::vector<float>& buf, size_t n) {
 int64_t PoolWorkers() {
   // read once, like the CPU feature flags (it was a system call per kernel call)
   static const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(64, std::thread::hardware_concurrency()));
-  return workers;
+  return t_inline ? 1 : workers;
 }
 
 bool HasPixelGemm() { return g_pixel_gemm; }

@@ -177,7 +177,8 @@ class CallBuffer {
   float* data_ = nullptr;
 };
 
-// Tasks a parallel loop should offer: the machine's threads, within [1, 64].
+// Tasks a parallel loop should offer: the machine's threads, within [1, 64]; 1 inside
+// an InlineParallelFor scope (where the loops run inline).
 int64_t PoolWorkers();
 
 // Thread-local scratch of at least n floats from buf (grown on demand, kept across
