@@ -46,8 +46,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_codebook import ops, schema
-from onnx_codebook.pack import pack_bits
+# The checked-out package, not an older installed copy: the real models are compressed
+# by its rewrite.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from onnx_codebook import ops, schema  # noqa: E402
+from onnx_codebook.pack import pack_bits  # noqa: E402
 
 BITS = 4
 OPSET = 17
