@@ -59,11 +59,12 @@ def make_model(nodes, inputs, outputs, initializers, fused):
 
 
 def run(model, feeds, threads=1, runs=1):
-    """The first output of the last of `runs` runs of one session."""
+    """The first output of the last of `runs` runs of one session; the runs before it
+    get the inputs negated, so that a kernel reading data left by an earlier run fails."""
     options = ops.session_options(ops.uses_ops(model), threads)
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     for _ in range(runs - 1):
-        sess.run(None, feeds)
+        sess.run(None, {k: -v for k, v in feeds.items()})
     return sess.run(None, feeds)[0]
 
 
@@ -388,6 +389,22 @@ def test_conv_channel_split(size, cin):
     # the phase grid) and computes its share of the 70 output channels.
     conv_case(np.random.default_rng(cin), batch=1, cin=cin, cout=70, group=1, kernel=[3, 3], stride=[1, 1],
               dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=4, group_size=1, bias=True,
+              activation="Relu", residual=True, threads=2, size=size, runs=3)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, pads, cout",
+    [([28, 28], [3, 3], [1, 1], [1, 1, 1, 1], 64), ([29, 31], [3, 3], [1, 1], [2, 1, 0, 1], 96),
+     ([28, 28], [1, 1], [1, 1], [0, 0, 0, 0], 70), ([56, 57], [1, 1], [2, 2], [0, 0, 0, 0], 40),
+     ([57, 56], [3, 3], [2, 2], [1, 1, 1, 1], 64)],
+)
+def test_conv_spatial_split(size, kernel, stride, pads, cout):
+    # One image of at least 784 output pixels on 2 threads (from the second run of a
+    # session): each thread computes a range of output rows (pixel-major, 64 / 96
+    # channels, from its own copy of the grid rows they read) or of pixels (blocked
+    # GEMM writing the output: the 1x1 cases) for every output channel.
+    conv_case(np.random.default_rng(sum(size) + cout), batch=1, cin=24, cout=cout, group=1, kernel=kernel,
+              stride=stride, dilation=[1, 1], pads=pads, auto_pad="NOTSET", bits=4, group_size=1, bias=True,
               activation="Relu", residual=True, threads=2, size=size, runs=3)
 
 

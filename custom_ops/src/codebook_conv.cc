@@ -364,6 +364,12 @@ class PhaseConv {
   // Copies images [n0, n0 + count) of x (count <= images) into the phase buffer,
   // (channel, image) planes split over the pool.
   void Fill(const float* x, int64_t n0, int64_t count, float* buf, const OrtKernelContext* ctx) const {
+    FillRows(x, n0, count, 0, hq, buf, ctx);
+  }
+
+  // Fill, of grid rows [r0, r1) only (the rest of buf is left as it was).
+  void FillRows(const float* x, int64_t n0, int64_t count, int64_t r0, int64_t r1, float* buf,
+                const OrtKernelContext* ctx) const {
     const int64_t plane = g.height * g.width, planes = g.channels * count;
     const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, phases * image));
     ParallelFor(planes * phases * image <= kSerialFloats ? nullptr : ctx, (planes + block - 1) / block, [&](int64_t t) {
@@ -377,7 +383,7 @@ class PhaseConv {
             // phase column s reads input column s * sw + b - pad_left
             const int64_t first = b - g.pad_left;
             const auto [lo, hi] = InsideColumns(first, g.sw, g.width, wq);
-            for (int64_t r = 0; r < hq; ++r) {
+            for (int64_t r = r0; r < r1; ++r) {
               const int64_t ih = r * g.sh + a - g.pad_top;
               PaddedRow(ih >= 0 && ih < g.height ? src + ih * g.width + first : nullptr, lo, hi, g.sw, wq, ph + r * wq);
             }
@@ -401,6 +407,12 @@ class PhaseConv {
 // the L2 cache).  More images decode each weight panel fewer times, but measured
 // slower once the grid spills out of L2.
 constexpr int64_t kGridFloats = int64_t{1} << 18;
+
+// One image with at least this many output pixels (28x28), on a pool of 2+ threads, is
+// split by rows or pixels rather than by output channels (each thread then decodes all
+// of the weights).  On smaller planes the doubled decoding cost more than the split
+// saved: 256 -> 256 3x3 on 14x14, 1.07 -> 1.11 ms; on 56x56 stride 2, 1.29 -> 1.20.
+constexpr int64_t kSpatialSplitPixels = 784;
 
 // Tiles of the pixel-major GEMM over `count` images of the phase grid, with the
 // reduction lists of the tiles that skip taps.
@@ -653,6 +665,38 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
     });
     return;
   }
+  const bool row_tiles = !phase.full.tiles.empty() && phase.full.tiles[0].out_step == 1 && pc.wq != g.out_w;
+  if (pixel_major && !pc.in_place && g.batch == 1 && threads >= 2 && row_tiles && P >= kSpatialSplitPixels) {
+    // One large image on a pool of 2+ threads: each thread fills the grid rows its
+    // output rows read, into its own buffer, and computes those rows for every output
+    // channel (decoding all the weights itself): no thread reads grid data another
+    // wrote, and each tends to compute the same rows in every layer (ParallelParts),
+    // reading input mostly written by itself.
+    const int64_t parts = threads;
+    const int64_t reach = ((g.kh - 1) * g.dh) / g.sh;  // grid rows below an output row that its taps read
+    ParallelParts(ctx, parts, [&](int64_t part) {
+      InlineParallelFor inline_here;
+      const int64_t oh0 = g.out_h * part / parts, oh1 = g.out_h * (part + 1) / parts;
+      thread_local std::vector<float> own;
+      float* mine = Scratch(own, static_cast<size_t>(pc.buffer_size));
+      pc.FillRows(x, 0, 1, oh0, std::min(pc.hq, oh1 + reach), mine, nullptr);
+      std::fill(mine + g.channels * pc.channel_stride, mine + pc.buffer_size, 0.f);
+      const std::vector<PixelTile>& tiles = phase.full.tiles;
+      auto first_of_row = [&](int64_t oh) {
+        return std::lower_bound(tiles.begin(), tiles.end(), oh * g.out_w,
+                                [](const PixelTile& t, int64_t col) { return t.out < col; }) - tiles.begin();
+      };
+      const int64_t t0 = first_of_row(oh0), t1 = first_of_row(oh1);
+      PixelGemmSpec spec = ConvGemmSpec(w, g, mine, 0, bias, z, act, y);
+      spec.b_offsets = pc.offsets.data();
+      spec.tiles = tiles.data() + t0;
+      spec.num_tiles = t1 - t0;
+      spec.k_lists = phase.full.k_lists.data();
+      spec.num_k_lists = static_cast<int64_t>(phase.full.k_lists.size());
+      RunPixelGemm(spec, ctx);
+    });
+    return;
+  }
   std::unique_ptr<CallBuffer> buf, grid;
   if (!pc.in_place) buf = std::make_unique<CallBuffer>(ctx, static_cast<size_t>(pc.buffer_size));
   for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
@@ -679,11 +723,12 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
     // Many groups: one parallel loop over them, each group's GEMM serial in its task
     // (a parallel GEMM per group would cost a round trip to the pool per group).
     const bool across_groups = g.group >= 2 * PoolWorkers();
-    auto run_group = [&](int64_t grp) {
+    // grid columns [c0, c1) of group grp (c0 > 0 only where the grid is the output)
+    auto run_columns = [&](int64_t grp, int64_t c0, int64_t c1) {
       const int64_t row0 = grp * g.cout_per_group;
       GemmSpec spec;
       spec.M = g.cout_per_group;
-      spec.N = columns;
+      spec.N = c1 - c0;
       spec.K = w.cols;
       spec.block_m = 240;
       spec.block_n = std::max<int64_t>(512, columns);  // B is not copied: one tile decodes the weights once
@@ -693,7 +738,7 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
       spec.pack_a_rows = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
         PackWeightRows(w, row0, i0, mi, k0, kc, dst);
       };
-      spec.b_direct = base + grp * g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride);
+      spec.b_direct = base + grp * g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride) + c0;
       spec.b_offsets = pc.offsets.data();
       spec.init_c = true;
       spec.row_bias = bias ? bias + row0 : nullptr;
@@ -702,15 +747,29 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
         spec.row_stride = pc.columns;
       } else {
         // column n * P + p of the grid is y[n][co][p]
-        spec.c = y_n + row0 * P;
+        spec.c = y_n + row0 * P + c0;
         spec.row_stride = P;
         spec.col_div = P;
         spec.col_outer = g.out_channels * P;
-        spec.add = z_n ? z_n + row0 * P : nullptr;
+        spec.add = z_n ? z_n + row0 * P + c0 : nullptr;
         spec.act = act;
       }
       RunGemm(spec, across_groups ? nullptr : ctx);
     };
+    auto run_group = [&](int64_t grp) { run_columns(grp, 0, columns); };
+    if (!grid && count == 1 && threads >= 2 && g.group == 1 && P >= kSpatialSplitPixels) {
+      // One large image on a pool of 2+ threads, output = grid: each thread computes
+      // a range of pixels for every output channel (decoding all the weights itself),
+      // the same range in every layer where it can (ParallelParts), so that it reads
+      // mostly what it wrote.
+      ParallelParts(ctx, threads, [&](int64_t part) {
+        InlineParallelFor inline_here;
+        const int64_t c0 = columns * part / threads / kNR * kNR;
+        const int64_t c1 = part + 1 == threads ? columns : columns * (part + 1) / threads / kNR * kNR;
+        if (c0 < c1) run_columns(0, c0, c1);
+      });
+      continue;
+    }
     if (across_groups) {
       ParallelFor(ctx, g.group, run_group);
     } else {

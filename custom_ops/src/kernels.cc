@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -1442,12 +1443,15 @@ namespace {
 thread_local bool t_inline = false;     // inside an InlineParallelFor scope
 thread_local int64_t t_pool_seen = 1;   // see PoolThreadsSeen
 
-// A small number per thread, for counting the threads of a parallel loop.
-uint64_t ThreadBit() {
+// A small number per thread, in the order threads first ask.
+uint64_t ThreadSlot() {
   static std::atomic<uint64_t> next{0};
-  thread_local const uint64_t bit = uint64_t{1} << (next++ % 64);
-  return bit;
+  thread_local const uint64_t slot = next++;
+  return slot;
 }
+
+// For counting the threads of a parallel loop.
+uint64_t ThreadBit() { return uint64_t{1} << (ThreadSlot() % 64); }
 
 }  // namespace
 
@@ -1485,6 +1489,20 @@ void ParallelFor(const OrtKernelContext* ctx, int64_t total, const std::function
   Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, trampoline, static_cast<size_t>(total), 0, &job));
   t_pool_seen = std::max<int64_t>(t_pool_seen, __builtin_popcountll(job.threads.load()));
   if (job.error) std::rethrow_exception(job.error);
+}
+
+void ParallelParts(const OrtKernelContext* ctx, int64_t parts, const std::function<void(int64_t)>& fn) {
+  if (parts <= 0) return;
+  std::unique_ptr<std::atomic<bool>[]> taken(new std::atomic<bool>[static_cast<size_t>(parts)]);
+  for (int64_t p = 0; p < parts; ++p) taken[p].store(false, std::memory_order_relaxed);
+  ParallelFor(ctx, parts, [&](int64_t) {
+    int64_t part = static_cast<int64_t>(ThreadSlot() % static_cast<uint64_t>(parts));
+    if (taken[part].exchange(true)) {
+      for (part = 0; part < parts && taken[part].exchange(true); ++part) {
+      }
+    }
+    if (part < parts) fn(part);
+  });
 }
 
 namespace {

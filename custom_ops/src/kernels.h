@@ -196,6 +196,11 @@ void ParallelFor(const OrtKernelContext* ctx, int64_t total, const std::function
 
 // While one lives, ParallelFor calls on this thread run inline (for tasks that are
 // parts of an outer parallel loop).
+// fn(part) for each part in [0, parts), as tasks of one ParallelFor; each thread takes
+// the same part in every call where it can (a thread that computed some rows of one
+// layer then reads what it wrote when it computes the same rows of the next).
+void ParallelParts(const OrtKernelContext* ctx, int64_t parts, const std::function<void(int64_t)>& fn);
+
 class InlineParallelFor {
  public:
   InlineParallelFor();
