@@ -666,7 +666,8 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
     return;
   }
   const bool row_tiles = !phase.full.tiles.empty() && phase.full.tiles[0].out_step == 1 && pc.wq != g.out_w;
-  if (pixel_major && !pc.in_place && g.batch == 1 && threads >= 2 && row_tiles && P >= kSpatialSplitPixels) {
+  if (pixel_major && !pc.in_place && g.batch == 1 && threads >= 2 && row_tiles && P >= kSpatialSplitPixels &&
+      g.out_h >= 4 * threads) {  // rows to share (a 1-D convolution has one)
     // One large image on a pool of 2+ threads: each thread fills the grid rows its
     // output rows read, into its own buffer, and computes those rows for every output
     // channel (decoding all the weights itself): no thread reads grid data another
