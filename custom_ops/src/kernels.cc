@@ -1751,6 +1751,7 @@ void RunPixelGemm(const PixelGemmSpec& s, const OrtKernelContext* ctx) {
         const PixelTile& tile = s.tiles[t];
         a.kc = kc;
         a.ks = nullptr;
+        if (tile.klass >= s.num_k_lists) throw std::logic_error("RunPixelGemm: tile class out of range");
         if (tile.klass >= 0) {  // the block's part of the tile's list
           const std::vector<int32_t>& list = s.k_lists[tile.klass];
           const auto lo = std::lower_bound(list.begin(), list.end(), k0);

@@ -76,7 +76,8 @@ struct GemmSpec {
 // output pixels broadcast and 32 output channels in the vector lanes, so that a plane
 // of 49 pixels is not padded to 64 columns.  B(k, g) = b[b_offsets[k] + g]; a tile is
 // `length` (1..12) pixels, pixel i at B column grid + i * grid_step and C column
-// out + i * out_step.  The tiles cover C columns [0, columns), each column once.
+// out + i * out_step.  The tiles cover each of their C columns once, and a contiguous
+// range of them unless some tile has out_step > 1.
 // C(i, j) = act(bias[i] + add(i, j) + sum_k w(row0 + i, k) B(k, g)) at
 // c[i * row_stride + (j / col_div) * col_outer + j % col_div], add indexed like c.
 // A tile of class q >= 0 sums over k in k_lists[q] only (ascending): the other k read
@@ -194,13 +195,13 @@ void RunGemm(const GemmSpec& spec, const OrtKernelContext* ctx);
 // when ctx is null, and inside an InlineParallelFor scope.
 void ParallelFor(const OrtKernelContext* ctx, int64_t total, const std::function<void(int64_t)>& fn);
 
-// While one lives, ParallelFor calls on this thread run inline (for tasks that are
-// parts of an outer parallel loop).
 // fn(part) for each part in [0, parts), as tasks of one ParallelFor; each thread takes
 // the same part in every call where it can (a thread that computed some rows of one
 // layer then reads what it wrote when it computes the same rows of the next).
 void ParallelParts(const OrtKernelContext* ctx, int64_t parts, const std::function<void(int64_t)>& fn);
 
+// While one lives, ParallelFor calls on this thread run inline (for tasks that are
+// parts of an outer parallel loop).
 class InlineParallelFor {
  public:
   InlineParallelFor();
