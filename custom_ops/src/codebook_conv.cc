@@ -206,21 +206,22 @@ PixelGemmSpec ConvGemmSpec(const CodebookWeight& w, const ConvGeometry& g, const
   return spec;
 }
 
-// The pixel-major GEMM of all groups: group g reads B(k, column) at
-// b + g * group_b + offsets[k] + column.
-void ConvPixelGemm(const CodebookWeight& w, const ConvGeometry& g, const float* b, int64_t group_b,
-                   const int64_t* offsets, const std::vector<PixelTile>& tiles,
-                   const std::vector<std::vector<int32_t>>* k_lists, const float* bias, const float* z,
-                   const Epilogue& act, float* y, const OrtKernelContext* ctx) {
+// The pixel-major GEMM of all groups over `num_tiles` tiles (with the tap lists of
+// their classes, if any): group g reads B(k, column) at b + g * group_b + offsets[k] +
+// column.
+PixelGemmSpec PixelConvSpec(const CodebookWeight& w, const ConvGeometry& g, const float* b, int64_t group_b,
+                            const int64_t* offsets, const PixelTile* tiles, int64_t num_tiles,
+                            const std::vector<std::vector<int32_t>>* k_lists, const float* bias, const float* z,
+                            const Epilogue& act, float* y) {
   PixelGemmSpec spec = ConvGemmSpec(w, g, b, group_b, bias, z, act, y);
   spec.b_offsets = offsets;
-  spec.tiles = tiles.data();
-  spec.num_tiles = static_cast<int64_t>(tiles.size());
+  spec.tiles = tiles;
+  spec.num_tiles = num_tiles;
   if (k_lists) {
     spec.k_lists = k_lists->data();
     spec.num_k_lists = static_cast<int64_t>(k_lists->size());
   }
-  RunPixelGemm(spec, ctx);
+  return spec;
 }
 
 // Few output columns (AVX-512): the im2col matrix is built explicitly, [k][column] over
@@ -234,7 +235,6 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
   // (at 9-12 columns the pixel-major GEMM measured faster)
   const bool lanes = columns > 12 && columns <= kLaneColumns;
   const int64_t ld = lanes ? 16 : columns;  // row stride of the im2col matrix
-  CallBuffer cols(ctx, static_cast<size_t>(g.group * w.cols * ld));  // [group][k][column]
   // where column j of tap (i, j) reads, from the first input channel of the batch's
   // first image; -1: padding
   const int64_t taps = g.kh * g.kw, in_plane = g.height * g.width;
@@ -290,6 +290,7 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
     });
     return;
   }
+  CallBuffer cols(ctx, static_cast<size_t>(g.group * w.cols * ld));  // [group][k][column]
   ParallelFor(serial ? nullptr : ctx, tasks, [&](int64_t t) { gather(t, tasks, cols.data()); });
   if (lanes) {
     RunLaneGemm(ConvGemmSpec(w, g, cols.data(), w.cols * ld, bias, z, act, y), columns, ctx);
@@ -304,7 +305,9 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
     tiles.push_back({at, at, length});
     at += length;
   }
-  ConvPixelGemm(w, g, cols.data(), w.cols * ld, offsets.data(), tiles, nullptr, bias, z, act, y, ctx);
+  RunPixelGemm(PixelConvSpec(w, g, cols.data(), w.cols * ld, offsets.data(), tiles.data(),
+                             static_cast<int64_t>(tiles.size()), nullptr, bias, z, act, y),
+               ctx);
 }
 
 // Implicit-GEMM convolution without im2col.  The batch is copied once, zero-padded
@@ -652,15 +655,11 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
       float* grid = Scratch(own, static_cast<size_t>(pc.buffer_size));
       pc.Fill(x, 0, g.batch, grid, nullptr);
       const int64_t r0 = blocks * part / parts * 32, r1 = std::min(g.cout_per_group, blocks * (part + 1) / parts * 32);
-      PixelGemmSpec spec = ConvGemmSpec(w, g, grid, 0, bias ? bias + r0 : nullptr, z ? z + r0 * P : nullptr, act,
-                                        y + r0 * P);
+      PixelGemmSpec spec = PixelConvSpec(w, g, grid, 0, pc.offsets.data(), phase.full.tiles.data(),
+                                         static_cast<int64_t>(phase.full.tiles.size()), &phase.full.k_lists,
+                                         bias ? bias + r0 : nullptr, z ? z + r0 * P : nullptr, act, y + r0 * P);
       spec.row0 = r0;
       spec.M = r1 - r0;
-      spec.b_offsets = pc.offsets.data();
-      spec.tiles = phase.full.tiles.data();
-      spec.num_tiles = static_cast<int64_t>(phase.full.tiles.size());
-      spec.k_lists = phase.full.k_lists.data();
-      spec.num_k_lists = static_cast<int64_t>(phase.full.k_lists.size());
       RunPixelGemm(spec, ctx);
     });
     return;
@@ -688,13 +687,9 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
                                 [](const PixelTile& t, int64_t col) { return t.out < col; }) - tiles.begin();
       };
       const int64_t t0 = first_of_row(oh0), t1 = first_of_row(oh1);
-      PixelGemmSpec spec = ConvGemmSpec(w, g, mine, 0, bias, z, act, y);
-      spec.b_offsets = pc.offsets.data();
-      spec.tiles = tiles.data() + t0;
-      spec.num_tiles = t1 - t0;
-      spec.k_lists = phase.full.k_lists.data();
-      spec.num_k_lists = static_cast<int64_t>(phase.full.k_lists.size());
-      RunPixelGemm(spec, ctx);
+      RunPixelGemm(PixelConvSpec(w, g, mine, 0, pc.offsets.data(), tiles.data() + t0, t1 - t0, &phase.full.k_lists,
+                                 bias, z, act, y),
+                   ctx);
     });
     return;
   }
@@ -713,8 +708,10 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
     const float* z_n = z ? z + n0 * g.out_channels * P : nullptr;
     if (pixel_major) {
       const PixelPlan& plan = count == images ? phase.full : phase.last;
-      ConvPixelGemm(w, g, base, g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride),
-                    pc.offsets.data(), plan.tiles, &plan.k_lists, bias, z_n, act, y_n, ctx);
+      RunPixelGemm(PixelConvSpec(w, g, base, g.cin_per_group * (pc.in_place ? g.height * g.width : pc.channel_stride),
+                                 pc.offsets.data(), plan.tiles.data(), static_cast<int64_t>(plan.tiles.size()),
+                                 &plan.k_lists, bias, z_n, act, y_n),
+                   ctx);
       continue;
     }
     if (!pc.grid_is_output && !grid) {
