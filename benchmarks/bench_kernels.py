@@ -6,6 +6,7 @@ following Relu (and residual Add) into the op's epilogue, as onnxruntime does fo
 
 * resnet50  - ResNet-50-shaped (bottlenecks 3-4-6-3, 224x224, FC 1000)
 * mobile    - EfficientNet-Lite0-shaped (MBConv with depthwise 3x3/5x5, 224x224)
+* unet      - small UNet on 128x128 (3x3 Conv, MaxPool down, 2x2 stride-2 ConvTranspose up)
 * digits    - small CNN on 8x8 inputs (2 Conv + 2 Gemm)
 * fc        - 3 MatMul of 4096x4096; also compared with MatMulNBits 4-bit (block 32)
 
@@ -91,6 +92,17 @@ class Builder:
         attrs = {"strides": [stride, stride], "pads": [k // 2] * 4, "group": group, "kernel_shape": [k, k]}
         self.nodes.append(("Conv", dict(x=x, y=y, attrs=attrs, cb=cb, idx=idx, w=w, b=bias, shape=shape,
                                         act=act, z=residual)))
+        return y
+
+    def deconv(self, x, cin, cout, k, stride, act=True):
+        """ConvTranspose (weight [cin, cout, k, k], no padding) [-> Relu]."""
+        shape = [cin, cout, k, k]
+        cb, idx, w = self._weight(shape, 1, cin * k * k // (stride * stride))
+        bias = (self.rng.standard_normal(cout) * 0.01).astype(np.float32)
+        y = self.name("deconv")
+        attrs = {"strides": [stride, stride], "kernel_shape": [k, k]}
+        self.nodes.append(("ConvTranspose", dict(x=x, y=y, attrs=attrs, cb=cb, idx=idx, w=w, b=bias, shape=shape,
+                                                 act=act)))
         return y
 
     def gemm(self, x, kin, nout, act=False):
@@ -195,6 +207,24 @@ def build_mobile(b: Builder):
     return b.gemm(x, 1280, 1000), [3, 224, 224]
 
 
+def build_unet(b: Builder):
+    """A small UNet: 3x3 convolutions, 2x2 max pooling down, 2x2 stride-2 ConvTranspose up."""
+    skips, x, cin = [], "x", 3
+    for width in (32, 64, 128):
+        x = b.conv(b.conv(x, cin, width, 3), width, width, 3)
+        skips.append(x)
+        x = b.plain("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+        cin = width
+    x = b.conv(b.conv(x, cin, 256, 3), 256, 256, 3)
+    cin = 256
+    for width, skip in zip((128, 64, 32), reversed(skips)):
+        x = b.deconv(x, cin, width, 2, 2)
+        x = b.plain("Concat", [x, skip], axis=1)
+        x = b.conv(b.conv(x, 2 * width, width, 3), width, width, 3)
+        cin = width
+    return b.conv(x, cin, 4, 1, act=False), [3, 128, 128]
+
+
 def build_digits(b: Builder):
     x = b.conv("x", 1, 16, 3)
     x = b.conv(x, 16, 32, 3)
@@ -209,7 +239,8 @@ def build_fc(b: Builder):
     return b.matmul(x, 4096, 4096), [4096]
 
 
-MODELS = {"resnet50": build_resnet50, "mobile": build_mobile, "digits": build_digits, "fc": build_fc}
+MODELS = {"resnet50": build_resnet50, "mobile": build_mobile, "unet": build_unet, "digits": build_digits,
+          "fc": build_fc}
 
 
 def real_model_path(name: str) -> Path:
@@ -387,7 +418,7 @@ def main() -> None:
         f"Command: `{command}`",
         "",
         f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, fused = {BITS}-bit per-channel codebooks "
-        f"(group_size=1); synthetic models (resnet50, mobile, digits, fc) fold Relu / residual Add into the fused "
+        f"(group_size=1); synthetic models (resnet50, mobile, unet, digits, fc) fold Relu / residual Add into the fused "
         "ops' epilogue, real models (digits_cnn, effnet_lite0) are `onnx_codebook.compress(path, bits=4, "
         'granularity="channel", format="fused")` as the rewrite produces them.  Latency: the variants of a row run '
         "interleaved in one process after a warm-up run, in rounds of one block per variant (untimed runs for "

@@ -46,8 +46,14 @@ Common attributes: ``bits`` (int, 1..8), ``weight_shape`` (ints), ``group_size``
 * ``CodebookMatMul(A, indices, codebook) -> Y``: ONNX ``MatMul`` with a constant
   2-D right-hand side ``B`` of shape ``weight_shape = [K, N]``; channel axis 1; A
   may have any rank >= 2 (batched), or rank 1.
+* ``CodebookConvTranspose(X, indices, codebook[, B]) -> Y``: ONNX ``ConvTranspose``
+  (1-D or 2-D) with ``W`` of shape ``weight_shape = [C, M/group, k1, ...]``; channel
+  axis 1 (the codebook rows follow the output channels of one group, shared by all
+  groups, as in the standard format).  Attributes dilations, group, kernel_shape,
+  output_padding, pads, strides; no auto_pad or output_shape (the rewrite keeps
+  such nodes in the standard format).
 
-Fused epilogue (optional, all three ops): ``activation`` (string, default "")
+Fused epilogue (optional, all four ops): ``activation`` (string, default "")
 is "", "Relu" or "Clip"; with "Clip", ``activation_min`` / ``activation_max``
 (floats) are the bounds.  ``CodebookConv`` also takes an optional 5th input
 ``Z`` of the output's shape (a residual), so that
@@ -64,8 +70,10 @@ DOMAIN_VERSION = 1
 CODEBOOK_CONV = "CodebookConv"
 CODEBOOK_GEMM = "CodebookGemm"
 CODEBOOK_MATMUL = "CodebookMatMul"
-FUSED_OPS = (CODEBOOK_CONV, CODEBOOK_GEMM, CODEBOOK_MATMUL)
-FUSED_OF = {"Conv": CODEBOOK_CONV, "Gemm": CODEBOOK_GEMM, "MatMul": CODEBOOK_MATMUL}
+CODEBOOK_CONV_TRANSPOSE = "CodebookConvTranspose"
+FUSED_OPS = (CODEBOOK_CONV, CODEBOOK_GEMM, CODEBOOK_MATMUL, CODEBOOK_CONV_TRANSPOSE)
+FUSED_OF = {"Conv": CODEBOOK_CONV, "Gemm": CODEBOOK_GEMM, "MatMul": CODEBOOK_MATMUL,
+            "ConvTranspose": CODEBOOK_CONV_TRANSPOSE}
 PLAIN_OF = {v: k for k, v in FUSED_OF.items()}
 
 SUPPORTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -85,7 +93,7 @@ def channel_axis(op_type: str, attrs: dict, rank: int) -> int:
     """Output-channel axis of the weight of an ``op_type`` node."""
     if op_type in ("Conv", CODEBOOK_CONV):
         return 0
-    if op_type == "ConvTranspose":
+    if op_type in ("ConvTranspose", CODEBOOK_CONV_TRANSPOSE):
         return 1 if rank > 1 else 0
     if op_type in ("Gemm", CODEBOOK_GEMM):
         return 0 if int(attrs.get("transB", 0)) else 1

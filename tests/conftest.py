@@ -77,12 +77,16 @@ def conv_model(rng, cout=16, cin=16, k=3, *, group=1, bias=True, opset=21, hw=8,
     return make_model(nodes, [("X", [1, cin, hw, hw])], [("Y", [1, cout, hw, hw])], inits, opset=opset)
 
 
-def conv_transpose_model(rng, cin=16, cout=12, k=3, *, opset=21):
-    """X[1,cin,6,6] -> ConvTranspose(W[cin,cout,k,k], stride 2) -> Y."""
-    w = randn(rng, cin, cout, k, k)
+def conv_transpose_model(rng, cin=16, cout=12, k=3, *, group=1, opset=21, **attrs):
+    """X[1,cin,6,6] -> ConvTranspose(W[cin,cout/group,k,k], stride 2, attrs) -> Y."""
+    w = randn(rng, cin, cout // group, k, k)
     nodes = [helper.make_node("ConvTranspose", ["X", "W", "B"], ["Y"], name="deconv", strides=[2, 2],
-                              kernel_shape=[k, k])]
+                              kernel_shape=[k, k], group=group, **attrs)]
     out = (6 - 1) * 2 + k
+    if "output_shape" in attrs:
+        out = attrs["output_shape"][0]
+    elif attrs.get("auto_pad", "").startswith("SAME"):
+        out = 6 * 2
     return make_model(nodes, [("X", [1, cin, 6, 6])], [("Y", [1, cout, out, out])],
                       [init("W", w), init("B", randn(rng, cout))], opset=opset)
 

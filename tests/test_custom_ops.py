@@ -492,6 +492,140 @@ def test_residual_shape_must_match_output(z_shape):
         run(model, feeds)
 
 
+# ----------------------------------------------------------------------------- ConvTranspose
+
+
+def conv_transpose_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, kernel=None, stride=None,
+                        dilation=None, pads=None, output_padding=None, bias=None, bits=None, group_size=None,
+                        size=None, activation="", threads=1, runs=1):
+    """CodebookConvTranspose against onnxruntime's ConvTranspose with the decoded weight
+    [cin, cout / group, k...] (codebook rows along axis 1)."""
+    batch = batch or int(rng.integers(1, 3))
+    group = group or int(rng.choice([1, 1, 2, 3]))
+    cin = cin or group * int(rng.integers(1, 6))
+    cout = cout or group * int(rng.integers(1, 5))
+    kernel = kernel or [int(rng.integers(1, 5)) for _ in range(spatial)]
+    stride = stride or [int(rng.integers(1, 4)) for _ in range(spatial)]
+    dilation = dilation or [int(rng.integers(1, 3)) for _ in range(spatial)]
+    # up to 16 pixels run as activation rows, more as a GEMM
+    size = size or [int(rng.integers(1, 9 if spatial == 2 else 40)) for _ in range(spatial)]
+    bits = bits or int(rng.integers(1, 9))
+    group_size = group_size or int(rng.choice([1, 2, cout // group]))
+    if pads is None:  # at most what keeps every output size >= 1
+        pads = [int(rng.integers(0, 3)) for _ in range(2 * spatial)]
+        for i in range(spatial):
+            full = stride[i] * (size[i] - 1) + (kernel[i] - 1) * dilation[i] + 1
+            while pads[i] + pads[spatial + i] >= full:
+                pads[i if pads[i] else spatial + i] -= 1
+    if output_padding is None:  # onnxruntime wants it below the stride
+        output_padding = [int(rng.integers(0, stride[i])) for i in range(spatial)]
+    if bias is None:
+        bias = bool(rng.integers(0, 2))
+    attrs = {"strides": stride, "dilations": dilation, "group": group, "kernel_shape": kernel, "pads": pads,
+             "output_padding": output_padding}
+    wshape = [cin, cout // group, *kernel]
+    codebook, indices, weight = random_weight(rng, wshape, 1, bits, group_size)
+    x = rng.standard_normal((batch, cin, *size)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    fused = helper.make_node(
+        schema.CODEBOOK_CONV_TRANSPOSE, ["x", "w.indices", "w.codebook"] + (["b"] if bias else []), ["y"],
+        domain=schema.DOMAIN, **attrs, **fused_attrs(bits, wshape, group_size),
+        **epilogue_attrs(activation, (-0.5, 0.5)),
+    )
+    plain = helper.make_node("ConvTranspose", ["x", "W"] + (["b"] if bias else []), ["y"], **attrs)
+    extra = [numpy_helper.from_array(b, "b")] if bias else []
+    plain_nodes, clip_inits = plain_epilogue(plain, activation, (-0.5, 0.5), False)
+    compare([fused], plain_nodes, {"x": x}, codebook_inits(codebook, indices, bits) + extra,
+            [numpy_helper.from_array(weight, "W")] + extra + clip_inits, threads, runs)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_conv_transpose2d_random(seed):
+    conv_transpose_case(np.random.default_rng(seed), runs=2)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_conv_transpose1d_random(seed):
+    conv_transpose_case(np.random.default_rng(100 + seed), spatial=1)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_conv_transpose_every_bits(bits):
+    conv_transpose_case(np.random.default_rng(bits), bits=bits, cin=24, cout=10, group=1, group_size=3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kernel, stride, pads, output_padding, size", [
+    ([2, 2], [2, 2], [0, 0, 0, 0], [0, 0], [16, 16]),   # UNet upsampling
+    ([4, 4], [2, 2], [1, 1, 1, 1], [0, 0], [9, 12]),    # DCGAN
+    ([3, 3], [2, 2], [1, 1, 1, 1], [1, 1], [14, 14]),   # "same" x2 upsampling
+    ([3, 3], [1, 1], [1, 1, 1, 1], [0, 0], [40, 40]),   # more pixels than one GEMM chunk
+])
+def test_conv_transpose_decoder_layers(kernel, stride, pads, output_padding, size, threads):
+    conv_transpose_case(np.random.default_rng(7), batch=2, cin=64, cout=48, group=1, kernel=kernel, stride=stride,
+                        dilation=[1, 1], pads=pads, output_padding=output_padding, size=size, bits=4, group_size=1,
+                        bias=True, activation="Relu", threads=threads, runs=2)
+
+
+def test_conv_transpose_grouped_shares_codebooks_across_groups():
+    # the codebook rows follow the output channels of one group (axis 1 of W)
+    conv_transpose_case(np.random.default_rng(3), cin=12, cout=8, group=4, kernel=[3, 3], stride=[2, 2],
+                        bits=3, group_size=1, activation="Clip")
+
+
+@pytest.mark.parametrize("attr", [{"auto_pad": "SAME_UPPER"}, {"output_shape": [9, 9]}])
+def test_conv_transpose_rejects_implicit_padding(attr):
+    rng = np.random.default_rng(4)
+    codebook, indices, _ = random_weight(rng, [4, 3, 3, 3], 1, 4, 1)
+    node = helper.make_node(schema.CODEBOOK_CONV_TRANSPOSE, ["x", "w.indices", "w.codebook"], ["y"],
+                            domain=schema.DOMAIN, strides=[2, 2], **attr, **fused_attrs(4, [4, 3, 3, 3], 1))
+    model = make_model([node], [tensor_info("x", (1, 4, 4, 4))],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       codebook_inits(codebook, indices, 4), fused=True)
+    with pytest.raises(Exception, match=f"{schema.CODEBOOK_CONV_TRANSPOSE}.*explicit pads"):
+        run(model, {"x": np.ones((1, 4, 4, 4), np.float32)})
+
+
+@pytest.mark.parametrize("case, message", [
+    ("channels", "channels"), ("index", "out of range"), ("codebook", "codebook"), ("group", "group"),
+    ("pads", "non-positive output size"),
+])
+def test_conv_transpose_bad_model_fails_cleanly(case, message):
+    rng = np.random.default_rng(5)
+    wshape = [6, 3, 2, 2]
+    codebook, indices, _ = random_weight(rng, wshape, 1, 4, 1, k=5)
+    attrs = {"strides": [2, 2], "group": 1}
+    x_shape = (1, 6, 3, 3)
+    if case == "channels":
+        x_shape = (1, 4, 3, 3)
+    elif case == "index":
+        indices.flat[-1] = 6
+    elif case == "codebook":
+        codebook = codebook[:2]
+    elif case == "group":
+        attrs["group"] = 4
+    elif case == "pads":
+        attrs["pads"] = [3, 0, 4, 0]
+    node = helper.make_node(schema.CODEBOOK_CONV_TRANSPOSE, ["x", "w.indices", "w.codebook"], ["y"],
+                            domain=schema.DOMAIN, **attrs, **fused_attrs(4, wshape, 1))
+    model = make_model([node], [tensor_info("x", x_shape)],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       codebook_inits(codebook, indices, 4), fused=True)
+    with pytest.raises(Exception, match=f"{schema.CODEBOOK_CONV_TRANSPOSE}.*{message}"):
+        run(model, {"x": np.ones(x_shape, np.float32)})
+
+
+def test_conv_transpose_output_shape_is_inferred():
+    rng = np.random.default_rng(6)
+    codebook, indices, _ = random_weight(rng, [4, 3, 3, 2], 1, 4, 1)
+    node = helper.make_node(schema.CODEBOOK_CONV_TRANSPOSE, ["x", "w.indices", "w.codebook"], ["y"],
+                            domain=schema.DOMAIN, strides=[2, 3], pads=[1, 0, 1, 1], output_padding=[1, 0], group=2,
+                            **fused_attrs(4, [4, 3, 3, 2], 1))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 5, 4])
+    # 2 * 4 + 1 + 3 - 2 = 10; 3 * 3 + 0 + 2 - 1 = 10; 3 output channels per group
+    assert inferred_shape(node, [x], codebook_inits(codebook, indices, 4)) == ["n", 6, 10, 10]
+
+
 # ----------------------------------------------------------------------------- Gemm
 
 
@@ -734,8 +868,8 @@ def test_session_helper_registers_library():
      "ONNX_CODEBOOK_PIXEL_TILES=rows", "ONNX_CODEBOOK_PIXEL_TILES=images"],
 )
 def test_fallback_kernels_in_subprocess(kernels):
-    """The portable and the AVX2-only kernels, the pixel-major convolution for every
-    geometry, the PDEP index decoding where the CPU has VBMI, and each tiling of the
+    """The portable and the AVX2-only kernels (transposed convolutions included), the
+    pixel-major convolution for every geometry, the PDEP index decoding where the CPU has VBMI, and each tiling of the
     pixel-major convolution (forced by environment variables), give the same results."""
     import subprocess
     import sys
@@ -752,6 +886,9 @@ def test_fallback_kernels_in_subprocess(kernels):
         "    t.gemm_case(np.random.default_rng(seed), M=1 + seed * 3, K=77, N=33, trans_a=bool(seed % 2),\n"
         "                trans_b=bool(seed % 3), alpha=0.5, beta=1.0, c_shape=(33,), bits=1 + seed, group_size=2,\n"
         "                activation=['', 'Relu', 'Clip'][seed % 3])\n"
+        "    t.conv_transpose_case(np.random.default_rng(seed), size=[2 + seed, 9 - seed])\n"
+        "    t.conv_transpose_case(np.random.default_rng(seed), cin=24, cout=16, group=1 + seed % 2,\n"
+        "                          size=[1 + seed % 3, 5], threads=2)\n"
         "    t.conv_case(np.random.default_rng(seed), batch=1 + seed % 4, cin=64, cout=40, group=1 + seed % 2,\n"
         "                kernel=[3, 3], stride=[1, 1], dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad='NOTSET',\n"
         "                bits=1 + seed % 4, group_size=1, bias=True, activation='Relu', size=[2, 2])\n"

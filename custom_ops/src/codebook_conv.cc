@@ -832,6 +832,33 @@ void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, con
 
 ConvKernel::~ConvKernel() = default;
 
+ConvAttributes ReadConvAttributes(const OrtKernelInfo* info, const std::string& op,
+                                  const std::vector<int64_t>& weight_shape) {
+  const size_t spatial = weight_shape.size() - 2;
+  ConvAttributes a;
+  a.kernel.assign(weight_shape.begin() + 2, weight_shape.end());
+  bool found = false;
+  const std::vector<int64_t> kernel_shape = AttrInts(info, "kernel_shape", &found);
+  if (found && kernel_shape != a.kernel) {
+    Fail(op, "kernel_shape " + ShapeString(kernel_shape) + " does not match weight_shape " + ShapeString(weight_shape));
+  }
+  a.strides = AttrInts(info, "strides", &found);
+  if (!found) a.strides.assign(spatial, 1);
+  a.dilations = AttrInts(info, "dilations", &found);
+  if (!found) a.dilations.assign(spatial, 1);
+  a.pads = AttrInts(info, "pads", &found);
+  if (!found) a.pads.assign(2 * spatial, 0);
+  if (a.strides.size() != spatial || a.dilations.size() != spatial || a.pads.size() != 2 * spatial) {
+    Fail(op, "strides, dilations and pads must have " + std::to_string(spatial) + ", " + std::to_string(spatial) +
+                 " and " + std::to_string(2 * spatial) + " entries");
+  }
+  for (size_t i = 0; i < spatial; ++i) {
+    if (a.strides[i] < 1 || a.dilations[i] < 1) Fail(op, "strides and dilations must be >= 1");
+    if (a.pads[i] < 0 || a.pads[i + spatial] < 0) Fail(op, "pads must be >= 0");
+  }
+  return a;
+}
+
 ConvKernel::ConvKernel(const OrtKernelInfo* info) : plans_(std::make_unique<ConvPlans>()) {
   act_ = ReadEpilogue(info, op_);
   weight_ = LoadCodebookWeight(info, op_, ChannelAxis::kFirst, &weight_shape_);
@@ -839,27 +866,7 @@ ConvKernel::ConvKernel(const OrtKernelInfo* info) : plans_(std::make_unique<Conv
   if (rank != 3 && rank != 4) {
     Fail(op_, "only 1-D and 2-D convolutions are supported, weight_shape is " + ShapeString(weight_shape_));
   }
-  const size_t spatial = rank - 2;
-  kernel_.assign(weight_shape_.begin() + 2, weight_shape_.end());
-  bool found = false;
-  const std::vector<int64_t> kernel_shape = AttrInts(info, "kernel_shape", &found);
-  if (found && kernel_shape != kernel_) {
-    Fail(op_, "kernel_shape " + ShapeString(kernel_shape) + " does not match weight_shape " + ShapeString(weight_shape_));
-  }
-  strides_ = AttrInts(info, "strides", &found);
-  if (!found) strides_.assign(spatial, 1);
-  dilations_ = AttrInts(info, "dilations", &found);
-  if (!found) dilations_.assign(spatial, 1);
-  pads_ = AttrInts(info, "pads", &found);
-  if (!found) pads_.assign(2 * spatial, 0);
-  if (strides_.size() != spatial || dilations_.size() != spatial || pads_.size() != 2 * spatial) {
-    Fail(op_, "strides, dilations and pads must have " + std::to_string(spatial) + ", " + std::to_string(spatial) +
-                  " and " + std::to_string(2 * spatial) + " entries");
-  }
-  for (size_t i = 0; i < spatial; ++i) {
-    if (strides_[i] < 1 || dilations_[i] < 1) Fail(op_, "strides and dilations must be >= 1");
-    if (pads_[i] < 0 || pads_[i + spatial] < 0) Fail(op_, "pads must be >= 0");
-  }
+  attrs_ = ReadConvAttributes(info, op_, weight_shape_);
   auto_pad_ = AttrString(info, "auto_pad", "NOTSET");
   if (auto_pad_ != "NOTSET" && auto_pad_ != "SAME_UPPER" && auto_pad_ != "SAME_LOWER" && auto_pad_ != "VALID") {
     Fail(op_, "unknown auto_pad '" + auto_pad_ + "'");
@@ -897,16 +904,17 @@ void ConvKernel::Compute(OrtKernelContext* context) {
   const bool two_d = rank == 4;
   const size_t s = rank - 2;
   g.width = x_shape[rank - 1];
-  g.kw = kernel_[s - 1];
-  g.sw = strides_[s - 1];
-  g.dw = dilations_[s - 1];
-  ResolveAxis(op_, auto_pad_, g.width, g.kw, g.sw, g.dw, pads_[s - 1], pads_[2 * s - 1], &g.out_w, &g.pad_left);
+  g.kw = attrs_.kernel[s - 1];
+  g.sw = attrs_.strides[s - 1];
+  g.dw = attrs_.dilations[s - 1];
+  ResolveAxis(op_, auto_pad_, g.width, g.kw, g.sw, g.dw, attrs_.pads[s - 1], attrs_.pads[2 * s - 1], &g.out_w,
+              &g.pad_left);
   if (two_d) {
     g.height = x_shape[2];
-    g.kh = kernel_[0];
-    g.sh = strides_[0];
-    g.dh = dilations_[0];
-    ResolveAxis(op_, auto_pad_, g.height, g.kh, g.sh, g.dh, pads_[0], pads_[2], &g.out_h, &g.pad_top);
+    g.kh = attrs_.kernel[0];
+    g.sh = attrs_.strides[0];
+    g.dh = attrs_.dilations[0];
+    ResolveAxis(op_, auto_pad_, g.height, g.kh, g.sh, g.dh, attrs_.pads[0], attrs_.pads[2], &g.out_h, &g.pad_top);
   }
   std::vector<int64_t> y_shape{g.batch, g.out_channels};
   if (two_d) y_shape.push_back(g.out_h);

@@ -13,16 +13,34 @@ namespace onnx_codebook {
 inline constexpr const char* kConvName = "CodebookConv";
 inline constexpr const char* kGemmName = "CodebookGemm";
 inline constexpr const char* kMatMulName = "CodebookMatMul";
+inline constexpr const char* kConvTransposeName = "CodebookConvTranspose";
 
 // Output size and leading pad of one spatial axis of a convolution; fails when the
 // padded input is smaller than the dilated kernel.
 void ResolveAxis(const std::string& op, const std::string& auto_pad, int64_t in, int64_t kernel, int64_t stride,
                  int64_t dilation, int64_t pad_begin, int64_t pad_end, int64_t* out, int64_t* lead);
 
+// The spatial attributes shared by CodebookConv and CodebookConvTranspose, read and
+// checked against the kernel dims of weight_shape (from axis 2): kernel_shape (if
+// given) must match them; strides and dilations default to 1, pads to 0.
+struct ConvAttributes {
+  std::vector<int64_t> kernel, strides, dilations, pads;
+};
+ConvAttributes ReadConvAttributes(const OrtKernelInfo* info, const std::string& op,
+                                  const std::vector<int64_t>& weight_shape);
+
+// Output size of one spatial axis of a transposed convolution with explicit pads
+// (may be <= 0 for inconsistent attributes: the caller decides).
+inline int64_t TransposedAxis(int64_t in, int64_t kernel, int64_t stride, int64_t dilation, int64_t pad_begin,
+                              int64_t pad_end, int64_t output_padding) {
+  return stride * (in - 1) + output_padding + (kernel - 1) * dilation + 1 - pad_begin - pad_end;
+}
+
 // Output shape inference for onnxruntime (shape_infer.cc).
 OrtStatusPtr ORT_API_CALL InferConvShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) noexcept;
 OrtStatusPtr ORT_API_CALL InferGemmShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) noexcept;
 OrtStatusPtr ORT_API_CALL InferMatMulShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) noexcept;
+OrtStatusPtr ORT_API_CALL InferConvTransposeShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) noexcept;
 
 // y[M, N] = act(y + alpha * op(A) * W^T) for the codebook weight W (N rows of K entries).
 void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans_a, float alpha, const Epilogue& act,
@@ -58,13 +76,33 @@ class ConvKernel {
 
   std::string op_ = kConvName;
   std::string auto_pad_;
-  std::vector<int64_t> weight_shape_, kernel_, strides_, dilations_, pads_;
+  std::vector<int64_t> weight_shape_;
+  ConvAttributes attrs_;
   int64_t group_ = 1;
   Epilogue act_;
   CodebookWeight weight_;
   // Threads of the session's pool, as seen running this kernel's parallel loops
   std::atomic<int64_t> pool_threads_{1};
   std::unique_ptr<ConvPlans> plans_;
+};
+
+// ONNX ConvTranspose (1-D and 2-D, explicit pads: no auto_pad or output_shape) as
+// the GEMM of its weight's rows (ChannelAxis::kTransposedConv) with the input
+// pixels, scattered into the output (codebook_conv_transpose.cc).
+class ConvTransposeKernel {
+ public:
+  explicit ConvTransposeKernel(const OrtKernelInfo* info);
+  OrtStatus* ComputeV2(OrtKernelContext* context) noexcept;
+
+ private:
+  void Compute(OrtKernelContext* context);
+
+  std::string op_ = kConvTransposeName;
+  std::vector<int64_t> weight_shape_, output_padding_;
+  ConvAttributes attrs_;
+  int64_t group_ = 1;
+  Epilogue act_;
+  CodebookWeight weight_;
 };
 
 // Op descriptors; inputs: X/A, indices, codebook[, bias/C][, Z (CodebookConv)].
@@ -105,6 +143,15 @@ struct CodebookMatMulOp : CodebookOpBase<CodebookMatMulOp, GemmKernel> {
   const char* GetName() const { return kMatMulName; }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
     return GuardStatus(kMatMulName, [&] { *kernel = new GemmKernel(info, true); });
+  }
+};
+
+struct CodebookConvTransposeOp : CodebookOpBase<CodebookConvTransposeOp, ConvTransposeKernel> {
+  static constexpr size_t kInputs = 4;
+  CodebookConvTransposeOp() { InferOutputShapeFn = &InferConvTransposeShape; }
+  const char* GetName() const { return kConvTransposeName; }
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
+    return GuardStatus(kConvTransposeName, [&] { *kernel = new ConvTransposeKernel(info); });
   }
 };
 

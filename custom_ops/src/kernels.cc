@@ -660,6 +660,35 @@ AVX512_TARGET void GatherStride2Avx512(float* dst, const float* src, int64_t lo,
   }
 }
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on AVX-512 intrinsics' pass-through operands
+// AddStrided with AVX-512 for strides 1 and 2 (the lanes of dst in a stride-2 run
+// that src does not reach are added zeros: the masks keep them in bounds).
+AVX512_TARGET void AddStridedAvx512(float* dst, const float* src, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t u = 0; u < n; u += 16) {
+      const __mmask16 m = static_cast<__mmask16>(n - u >= 16 ? 0xFFFFu : (1u << (n - u)) - 1u);
+      const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst + u), _mm512_maskz_loadu_ps(m, src + u));
+      _mm512_mask_storeu_ps(dst + u, m, sum);
+    }
+    return;
+  }
+  // src[u] to lane 2u of 32: the first 8 entries fill the even lanes of the low half
+  const __m512i spread_lo = _mm512_setr_epi32(0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0);
+  const __m512i spread_hi = _mm512_setr_epi32(8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15, 0);
+  for (int64_t u = 0; u < n; u += 16) {
+    const int64_t k = std::min<int64_t>(16, n - u);
+    const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << k) - 1u), src + u);
+    const uint32_t reach = (1u << (2 * k - 1)) - 1u;  // dst[2u .. 2u + 2k - 2]
+    const __mmask16 m0 = static_cast<__mmask16>(reach & 0x5555u), m1 = static_cast<__mmask16>((reach >> 16) & 0x5555u);
+    float* d = dst + 2 * u;
+    _mm512_mask_storeu_ps(d, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d), _mm512_permutexvar_ps(spread_lo, v)));
+    _mm512_mask_storeu_ps(d + 16, m1,
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d + 16), _mm512_permutexvar_ps(spread_hi, v)));
+  }
+}
+#pragma GCC diagnostic pop
+
 // GatherColumns with AVX-512.
 AVX512_TARGET void GatherColumnsAvx512(const float* src, int64_t reach, const int32_t* offsets, int64_t n,
                                        float* dst) {
@@ -1817,6 +1846,13 @@ void GatherColumns(const float* src, int64_t reach, const int32_t* offsets, int6
   if (g_avx512) return GatherColumnsAvx512(src, reach, offsets, n, dst);
 #endif
   for (int64_t j = 0; j < n; ++j) dst[j] = offsets[j] >= 0 ? src[offsets[j]] : 0.f;
+}
+
+void AddStrided(float* dst, const float* src, int64_t n, int64_t stride) {
+#if ONNX_CODEBOOK_X86
+  if (g_avx512 && stride <= 2) return AddStridedAvx512(dst, src, n, stride);
+#endif
+  for (int64_t u = 0; u < n; ++u) dst[u * stride] += src[u];
 }
 
 void PaddedRow(const float* src, int64_t lo, int64_t hi, int64_t stride, int64_t n, float* dst) {

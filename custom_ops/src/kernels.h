@@ -135,6 +135,9 @@ inline ColumnRange InsideColumns(int64_t first, int64_t stride, int64_t width, i
 // [0, n); src null: all zeros.
 void PaddedRow(const float* src, int64_t lo, int64_t hi, int64_t stride, int64_t n, float* dst);
 
+// dst[u * stride] += src[u] for u < n (stride >= 1): a transposed convolution's scatter.
+void AddStrided(float* dst, const float* src, int64_t n, int64_t stride);
+
 // dst[j] = src[offsets[j]] for j < n (<= 16), 0 where offsets[j] < 0; offsets holds
 // 16 entries, all < reach (src has reach floats to read).
 void GatherColumns(const float* src, int64_t reach, const int32_t* offsets, int64_t n, float* dst);

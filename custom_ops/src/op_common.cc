@@ -118,7 +118,7 @@ ConstTensor ReadConstantInput(const OrtKernelInfo* info, size_t index, const std
 }  // namespace
 
 CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& op, ChannelAxis axis,
-                                  std::vector<int64_t>* weight_shape_out) {
+                                  std::vector<int64_t>* weight_shape_out, int64_t conv_groups) {
   CodebookWeight w;
   bool found = false;
   const int64_t bits = AttrInt(info, "bits", 0, &found);
@@ -138,13 +138,27 @@ CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& 
   if (!found) Fail(op, "missing attribute 'group_size'");
   if (w.group_size < 1) Fail(op, "attribute 'group_size' must be >= 1, got " + std::to_string(w.group_size));
 
+  // channels: the length of the channel axis, which the codebook rows follow
+  int64_t channels = 0, kernel_size = 1;
   if (axis == ChannelAxis::kFirst) {
     w.rows = shape[0];
     w.cols = numel / shape[0];
+    channels = w.rows;
+  } else if (axis == ChannelAxis::kTransposedConv) {
+    if (shape.size() < 3) Fail(op, "weight_shape must have rank >= 3, got " + ShapeString(shape));
+    if (conv_groups < 1 || shape[0] % conv_groups != 0) {
+      Fail(op, "group " + std::to_string(conv_groups) + " does not divide the " + std::to_string(shape[0]) +
+                   " input channels of weight_shape " + ShapeString(shape));
+    }
+    channels = shape[1];
+    kernel_size = numel / (shape[0] * shape[1]);
+    w.rows = conv_groups * channels * kernel_size;
+    w.cols = shape[0] / conv_groups;
   } else {
     if (shape.size() != 2) Fail(op, "weight_shape must be 2-D, got " + ShapeString(shape));
     w.rows = shape[1];
     w.cols = shape[0];
+    channels = w.rows;
   }
 
   const ConstTensor idx = ReadConstantInput(info, 1, op, "indices");
@@ -159,18 +173,28 @@ CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& 
 
   const ConstTensor cb = ReadConstantInput(info, 2, op, "codebook");
   if (cb.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail(op, "input 'codebook' must be float32");
-  const int64_t groups = (w.rows + w.group_size - 1) / w.group_size;
+  const int64_t groups = (channels + w.group_size - 1) / w.group_size;
   if (cb.shape.size() != 2 || cb.shape[0] != groups || cb.shape[1] < 1 || cb.shape[1] > (int64_t{1} << bits)) {
     Fail(op, "input 'codebook' has shape " + ShapeString(cb.shape) + ", expected [" + std::to_string(groups) +
-                 ", k] with 1 <= k <= " + std::to_string(int64_t{1} << bits) + " (" + std::to_string(w.rows) +
+                 ", k] with 1 <= k <= " + std::to_string(int64_t{1} << bits) + " (" + std::to_string(channels) +
                  " channels, group_size " + std::to_string(w.group_size) + ")");
   }
   w.k = cb.shape[1];
   w.lut_stride = std::max<int64_t>(int64_t{1} << bits, 8);
-  w.lut.assign(static_cast<size_t>(groups * w.lut_stride), 0.f);
   const float* cb_data = static_cast<const float*>(cb.data);
-  for (int64_t g = 0; g < groups; ++g) {
-    std::copy(cb_data + g * w.k, cb_data + (g + 1) * w.k, w.lut.begin() + g * w.lut_stride);
+  if (axis == ChannelAxis::kTransposedConv) {
+    // one lut row per output channel (g, m), so that row r reads lut row r / K
+    w.lut.assign(static_cast<size_t>(conv_groups * channels * w.lut_stride), 0.f);
+    for (int64_t gm = 0; gm < conv_groups * channels; ++gm) {
+      const float* row = cb_data + (gm % channels) / w.group_size * w.k;
+      std::copy(row, row + w.k, w.lut.begin() + gm * w.lut_stride);
+    }
+    w.group_size = kernel_size;
+  } else {
+    w.lut.assign(static_cast<size_t>(groups * w.lut_stride), 0.f);
+    for (int64_t g = 0; g < groups; ++g) {
+      std::copy(cb_data + g * w.k, cb_data + (g + 1) * w.k, w.lut.begin() + g * w.lut_stride);
+    }
   }
 
   w.cols_padded = (w.cols + 7) / 8 * 8;
@@ -217,6 +241,16 @@ CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& 
           WriteIndex(dst, static_cast<size_t>(c), w.bits, v);
         }
       }
+    }
+  } else if (axis == ChannelAxis::kTransposedConv) {
+    // [C, M/group, K] -> rows (g, m, t), columns c of group g
+    const int64_t cin_g = w.cols;
+    for (int64_t flat = 0; flat < numel; ++flat) {
+      const int64_t c = flat / (channels * kernel_size), mt = flat % (channels * kernel_size);
+      const int64_t row = ((c / cin_g) * channels + mt / kernel_size) * kernel_size + mt % kernel_size;
+      const uint32_t v = ReadIndex(src, static_cast<size_t>(flat), w.bits);
+      if (v >= k) bad_index(v, flat);
+      WriteIndex(w.indices.data() + row * w.row_bytes, static_cast<size_t>(c % cin_g), w.bits, v);
     }
   } else {
     // weight [K, N] with channels last: transpose.

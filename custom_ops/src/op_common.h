@@ -71,12 +71,18 @@ struct CodebookWeight {
 
 // How the weight_shape maps to (rows, cols): the channel axis is either the first
 // axis (Conv, Gemm with transB) or the last of a 2-D shape (Gemm, MatMul).
-enum class ChannelAxis { kFirst, kLast };
+// kTransposedConv: a ConvTranspose weight [C, M/group, k...] (channel axis 1) as the
+// matrix of its GEMM: row (g * M/group + m) * K + t holds, at column c < C/group,
+// W[g * C/group + c, m, t] for the flattened kernel position t of K; every row reads
+// the codebook row of its output channel (group_size of the result is then K, one
+// lut row per output channel).
+enum class ChannelAxis { kFirst, kLast, kTransposedConv };
 
 // Reads and validates inputs 1 (indices) and 2 (codebook) as constants; reads the
 // bits / weight_shape / group_size attributes.  Fails with a message naming `op`.
+// `conv_groups`: the group attribute, for kTransposedConv.
 CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& op,
-                                  ChannelAxis axis, std::vector<int64_t>* weight_shape);
+                                  ChannelAxis axis, std::vector<int64_t>* weight_shape, int64_t conv_groups = 1);
 
 // Fused epilogue applied where an output element is finally written:
 // y = min(max(y, lo), hi) when `clamp` (Relu: lo = 0, hi = +inf; Clip: its bounds).

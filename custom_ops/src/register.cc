@@ -9,6 +9,7 @@ namespace {
 const onnx_codebook::CodebookConvOp kConvOp;
 const onnx_codebook::CodebookGemmOp kGemmOp;
 const onnx_codebook::CodebookMatMulOp kMatMulOp;
+const onnx_codebook::CodebookConvTransposeOp kConvTransposeOp;
 
 }  // namespace
 
@@ -29,6 +30,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &kConvOp));
     Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &kGemmOp));
     Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &kMatMulOp));
+    Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &kConvTransposeOp));
     Ort::ThrowOnError(api->AddCustomOpDomain(options, domain));
   });
 }

@@ -121,27 +121,38 @@ OrtStatusPtr Infer(Body&& body) noexcept {
   return nullptr;
 }
 
+// What the Conv and ConvTranspose inferences read: a 1-D or 2-D weight_shape, an
+// input of its rank, and spatial attributes of the right lengths (false otherwise).
+struct ConvInputs {
+  std::vector<int64_t> weight_shape, strides, dilations, pads;
+  std::vector<Dim> x;
+};
+bool ReadConvInputs(OrtShapeInferContext* ctx, ConvInputs* c) {
+  c->weight_shape = Ints(ctx, "weight_shape", {});
+  const size_t rank = c->weight_shape.size(), spatial = rank - 2;
+  if ((rank != 3 && rank != 4) || !InputShape(ctx, 0, &c->x) || c->x.size() != rank) return false;
+  c->strides = Ints(ctx, "strides", std::vector<int64_t>(spatial, 1));
+  c->dilations = Ints(ctx, "dilations", std::vector<int64_t>(spatial, 1));
+  c->pads = Ints(ctx, "pads", std::vector<int64_t>(2 * spatial, 0));
+  return c->strides.size() == spatial && c->dilations.size() == spatial && c->pads.size() == 2 * spatial;
+}
+
 }  // namespace
 
 OrtStatusPtr ORT_API_CALL InferConvShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
   return Infer([&] {
-    const std::vector<int64_t> w = Ints(ctx, "weight_shape", {});
-    std::vector<Dim> x;
-    if ((w.size() != 3 && w.size() != 4) || !InputShape(ctx, 0, &x) || x.size() != w.size()) return;
-    const size_t spatial = w.size() - 2;
-    const std::vector<int64_t> strides = Ints(ctx, "strides", std::vector<int64_t>(spatial, 1));
-    const std::vector<int64_t> dilations = Ints(ctx, "dilations", std::vector<int64_t>(spatial, 1));
-    const std::vector<int64_t> pads = Ints(ctx, "pads", std::vector<int64_t>(2 * spatial, 0));
+    ConvInputs c;
+    if (!ReadConvInputs(ctx, &c)) return;
+    const size_t spatial = c.weight_shape.size() - 2;
     const std::string auto_pad = String(ctx, "auto_pad", "NOTSET");
-    if (strides.size() != spatial || dilations.size() != spatial || pads.size() != 2 * spatial) return;
-    std::vector<Dim> y{x[0], Dim{w[0], ""}};
+    std::vector<Dim> y{c.x[0], Dim{c.weight_shape[0], ""}};
     for (size_t i = 0; i < spatial; ++i) {
       Dim out;
-      if (x[2 + i].size >= 0) {
+      if (c.x[2 + i].size >= 0) {
         try {
           int64_t lead = 0;
-          ResolveAxis(kConvName, auto_pad, x[2 + i].size, w[2 + i], strides[i], dilations[i], pads[i],
-                      pads[spatial + i], &out.size, &lead);
+          ResolveAxis(kConvName, auto_pad, c.x[2 + i].size, c.weight_shape[2 + i], c.strides[i], c.dilations[i],
+                      c.pads[i], c.pads[spatial + i], &out.size, &lead);
         } catch (...) {  // a kernel larger than the input: unknown here, an error when run
           out.size = -1;
         }
@@ -169,6 +180,27 @@ OrtStatusPtr ORT_API_CALL InferMatMulShape(const OrtCustomOp*, OrtShapeInferCont
     if (w.size() != 2 || !InputShape(ctx, 0, &a) || a.empty()) return;
     a.back() = Dim{w[1], ""};
     SetOutputShape(ctx, a);
+  });
+}
+
+OrtStatusPtr ORT_API_CALL InferConvTransposeShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+  return Infer([&] {
+    ConvInputs c;
+    if (!ReadConvInputs(ctx, &c)) return;
+    const size_t spatial = c.weight_shape.size() - 2;
+    const std::vector<int64_t> extra = Ints(ctx, "output_padding", std::vector<int64_t>(spatial, 0));
+    if (extra.size() != spatial) return;
+    std::vector<Dim> y{c.x[0], Dim{c.weight_shape[1] * Int(ctx, "group", 1), ""}};
+    for (size_t i = 0; i < spatial; ++i) {
+      Dim out;
+      if (c.x[2 + i].size >= 1) {
+        const int64_t size = TransposedAxis(c.x[2 + i].size, c.weight_shape[2 + i], c.strides[i], c.dilations[i],
+                                            c.pads[i], c.pads[spatial + i], extra[i]);
+        if (size >= 1) out.size = size;  // else an error when run
+      }
+      y.push_back(out);
+    }
+    SetOutputShape(ctx, y);
   });
 }
 

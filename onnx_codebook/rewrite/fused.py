@@ -1,4 +1,4 @@
-"""Fused format: Conv / Gemm / MatMul become ops of the ``onnx_codebook`` domain."""
+"""Fused format: Conv / ConvTranspose / Gemm / MatMul become ops of the ``onnx_codebook`` domain."""
 
 from __future__ import annotations
 
@@ -22,9 +22,26 @@ def fusible(node: gs.Node, weight: gs.Constant) -> bool:
     rank = len(weight.shape)
     if node.op == "Conv":
         return rank - 2 in FUSED_CONV_SPATIAL
+    if node.op == "ConvTranspose":
+        return rank - 2 in FUSED_CONV_SPATIAL and _conv_transpose_fusible(node, weight)
     if node.op == "MatMul":
         return rank == 2
     return rank == 2
+
+
+def _conv_transpose_fusible(node: gs.Node, weight: gs.Constant) -> bool:
+    """Explicit pads only (auto_pad / output_shape stay with onnxruntime's own
+    arithmetic), and enough input channels per group: the kernel stores each row of
+    C/group indices padded to a multiple of 8, which must not cost more than a
+    quarter on top."""
+    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or "output_shape" in node.attrs:
+        return False
+    group = int(node.attrs.get("group", 1))
+    cin = int(weight.shape[0])
+    if group < 1 or cin % group:
+        return False
+    per_group = cin // group
+    return 4 * (-per_group % 8) <= per_group
 
 
 def replace_with_fused(
