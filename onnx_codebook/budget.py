@@ -45,7 +45,7 @@ from .errors import ConfigError, DataError
 from .evaluation import check_labels, predict
 from .pipeline import ClusterCache, LayerPlan, compress_model, layer_clustering, plan_layer
 from .schema import GRANULARITIES
-from .select import Layer, constants_to_initializers, select_layers
+from .select import Layer, constants_to_initializers, fold_batch_norms, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,12 @@ def run_search(
         raise DataError("--metric top1 needs labels in the data; use --metric agreement for unlabelled data")
     config = config or CompressConfig()
     choices = default_choices(bits, granularities, group_size)
+    # Normalisations folded once, up front: every model the search builds and scores
+    # then has the weights compress_model will cluster.
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    if fold_batch_norms(folded):
+        model = folded
 
     def tick(msg: str, frac: float) -> None:
         if progress:

@@ -26,7 +26,7 @@ from .rewrite import NameScope, add_standard_decode, fold_epilogue, fusible, rep
 from .rewrite import fused as fused_rewrite
 from .rewrite.common import model_names
 from .schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY
-from .select import Layer, Skipped, constants_to_initializers, select_layers
+from .select import Layer, Skipped, constants_to_initializers, fold_batch_norms, select_layers
 
 # Opset that introduced Cast from each index container, and the IR version it needs.
 CONTAINER_OPSET = {2: 25, 4: 21, 8: 1}
@@ -213,6 +213,7 @@ def compress_model(
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     constants_to_initializers(proto, config.ops)
+    fold_batch_norms(proto)
     known_value_info = {v.name for v in proto.graph.value_info}
     if config.format == "fused" and fused_rewrite.FOLD_EPILOGUE and tensor_bytes(proto) < 1_800_000_000:
         # Shapes tell the epilogue folding which residual Adds are safe to fuse.

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from .io import iter_graphs
 from .schema import WEIGHT_INPUT, channel_axis
@@ -81,6 +82,91 @@ def constants_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> i
             del graph.node[:]
             graph.node.extend(keep)
     return moved
+
+
+def fold_batch_norms(model: onnx.ModelProto) -> int:
+    """Fold an inference-mode ``BatchNormalization`` into the ``Conv`` / ``ConvTranspose``
+    before it, as onnxruntime does for float models at session start, so that the
+    codebooks are fitted to the weights that are actually computed with, and a fused
+    op is not followed by a separate normalisation (which would also keep a following
+    Relu out of its epilogue).
+
+    Only where the convolution's float32 weight (and bias) initializers feed nothing
+    else, its output feeds only the normalisation, and the normalisation's parameters
+    are float32 initializers of one value per output channel.  Works in place on
+    every (sub)graph; returns how many were folded.
+    """
+    graphs = list(iter_graphs(model.graph))
+    uses: dict[str, int] = {}
+    for g in graphs:
+        for node in g.node:
+            for name in node.input:
+                uses[name] = uses.get(name, 0) + 1
+    folded = 0
+    for graph in graphs:
+        inits = {t.name: t for t in graph.initializer}
+        outputs = {o.name for o in graph.output}
+        consumer = {i: k for k, n in enumerate(graph.node) for i in n.input}  # unique where used once
+        removed = set()
+        for conv in graph.node:
+            if conv.op_type not in ("Conv", "ConvTranspose") or conv.domain not in ("", "ai.onnx"):
+                continue
+            y = conv.output[0]
+            bn = graph.node[consumer[y]] if y in consumer else None
+            if bn is None or bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or uses.get(y) != 1:
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
+            if y in outputs or attrs.get("training_mode", 0) or len(bn.input) != 5 or bn.input[0] != y \
+                    or any(o for o in bn.output[1:]):
+                continue
+            weight = inits.get(conv.input[1]) if len(conv.input) > 1 else None
+            bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else ""
+            params = [inits.get(n) for n in bn.input[1:]]
+            tensors = [weight, *params] + ([inits.get(bias_name)] if bias_name else [])
+            if any(t is None or t.data_type != onnx.TensorProto.FLOAT for t in tensors):
+                continue
+            if uses.get(weight.name) != 1 or (bias_name and uses.get(bias_name) != 1) or len(weight.dims) < 3:
+                continue
+            w = numpy_helper.to_array(weight).astype(np.float64)
+            scale, shift, mean, var = (numpy_helper.to_array(t).astype(np.float64) for t in params)
+            group = int({a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}.get("group", 1))
+            cout = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * group
+            if any(v.shape != (cout,) for v in (scale, shift, mean, var)) or (w.shape[0] % group):
+                continue
+            factor = scale / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+            if conv.op_type == "Conv":
+                w = w * factor.reshape(-1, *[1] * (w.ndim - 1))
+            else:  # [C, M/group, k...]: output channel (c // (C/group)) * M/group + m
+                parts = w.reshape(group, w.shape[0] // group, *w.shape[1:])
+                w = (parts * factor.reshape(group, 1, w.shape[1], *[1] * (w.ndim - 2))).reshape(w.shape)
+            bias = numpy_helper.to_array(inits[bias_name]).astype(np.float64) if bias_name else np.zeros(cout)
+            new_bias = (bias - mean) * factor + shift
+            weight.CopyFrom(numpy_helper.from_array(w.astype(np.float32), weight.name))
+            if bias_name:
+                inits[bias_name].CopyFrom(numpy_helper.from_array(new_bias.astype(np.float32), bias_name))
+            else:
+                bias_name = _fresh_name(f"{weight.name}.bn_bias", uses, inits)
+                graph.initializer.append(numpy_helper.from_array(new_bias.astype(np.float32), bias_name))
+                uses[bias_name] = 1
+                while len(conv.input) < 3:
+                    conv.input.append("")
+                conv.input[2] = bias_name
+            conv.output[0] = bn.output[0]
+            removed.add(consumer[y])
+            folded += 1
+        if removed:
+            keep = [n for k, n in enumerate(graph.node) if k not in removed]
+            del graph.node[:]
+            graph.node.extend(keep)
+    return folded
+
+
+def _fresh_name(base: str, *taken) -> str:
+    name, i = base, 0
+    while any(name in t for t in taken):
+        i += 1
+        name = f"{base}.{i}"
+    return name
 
 
 def _weight_constant(tensor: gs.Tensor) -> gs.Constant | None:
