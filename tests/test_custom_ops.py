@@ -567,6 +567,17 @@ def test_conv_transpose_decoder_layers(kernel, stride, pads, output_padding, siz
                         bias=True, activation="Relu", threads=threads, runs=2)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("size, batch, group", [([1, 1], 9, 1), ([1, 1], 20, 2), ([2, 2], 3, 1), ([4, 4], 9, 1),
+                                               ([3, 5], 2, 3)])
+def test_conv_transpose_small_inputs_across_the_batch(size, batch, group, threads):
+    # inputs of <= 16 pixels put the images of the batch side by side (as activation
+    # rows, in the vector lanes or as one GEMM, by how many columns that makes)
+    conv_transpose_case(np.random.default_rng(batch), batch=batch, cin=24, cout=18, group=group, kernel=[4, 4],
+                        stride=[2, 2], dilation=[1, 1], pads=[1, 1, 1, 1], output_padding=[0, 0], size=size,
+                        bits=4, group_size=2, bias=True, activation="Relu", threads=threads, runs=2)
+
+
 def test_conv_transpose_grouped_shares_codebooks_across_groups():
     # the codebook rows follow the output channels of one group (axis 1 of W)
     conv_transpose_case(np.random.default_rng(3), cin=12, cout=8, group=4, kernel=[3, 3], stride=[2, 2],

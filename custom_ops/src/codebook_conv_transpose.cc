@@ -128,9 +128,9 @@ void ConvTransposeKernel::Compute(OrtKernelContext* context) {
       for (int64_t p = 0; p < out_plane; ++p) plane[p] = act_.Apply(plane[p]);
     });
   };
-  // Scatters columns [p0, p0 + np) of the group's GEMM output (row r at src + r * np)
-  // into image n: each task owns whole output planes of the group.
-  auto scatter = [&](int64_t n, int64_t grp, const float* src_rows, int64_t p0, int64_t np) {
+  // Scatters input pixels [p0, p0 + np) of image n from the group's GEMM output (row r
+  // at src_rows + r * ld) into the output: each task owns whole output planes.
+  auto scatter = [&](int64_t n, int64_t grp, const float* src_rows, int64_t ld, int64_t p0, int64_t np) {
     // Run by run of an input row, all taps of it, so that the few output rows one
     // input row reaches stay in the L1 cache.
     for_planes(0, cout_g, [&](int64_t m) {
@@ -142,7 +142,7 @@ void ConvTransposeKernel::Compute(OrtKernelContext* context) {
           const int64_t oh = h * sh - pad_top + i * dh;
           if (oh < 0 || oh >= out_h) continue;
           float* dst = plane + oh * out_w;
-          const float* s = src_rows + (m * taps + t) * np + p;
+          const float* s = src_rows + (m * taps + t) * ld + p;
           const int64_t first = w0 * sw - pad_left + j * dw;  // output column of s[0]
           const auto [lo, hi] = InsideColumns(first, sw, out_w, run);
           if (lo < hi) AddStrided(dst + first + lo * sw, s + lo, hi - lo, sw);
@@ -152,48 +152,83 @@ void ConvTransposeKernel::Compute(OrtKernelContext* context) {
     });
   };
   if (pixels <= kFewPixels) {
-    // Few input pixels (a 1x1 or 4x4 input): as rows of activations against the weight
-    // rows (each decoded once per pass of up to 8 pixels), not as a GEMM whose column
-    // strips of 32 would be mostly padding.
-    CallBuffer cols(context, static_cast<size_t>(group_ * rows * pixels));
-    if (UsesAvx512() && pixels > 4) {
-      // 5-16 pixels: the lane GEMM, pixels in the vector lanes, every group in one loop
-      std::vector<float> b(static_cast<size_t>(channels * 16), 0.f);  // [group][c][16]
-      PixelGemmSpec spec;
-      spec.w = &weight_;
-      spec.M = rows;
-      spec.K = cin_g;
-      spec.groups = group_;
-      spec.group_b = cin_g * 16;
-      spec.b = b.data();
-      spec.c = cols.data();
-      spec.row_stride = pixels;
-      for (int64_t n = 0; n < batch; ++n) {
-        const float* xn = x + n * channels * pixels;
-        for (int64_t c = 0; c < channels; ++c) std::copy_n(xn + c * pixels, pixels, b.data() + c * 16);
-        RunLaneGemm(spec, pixels, context);
-        for (int64_t grp = 0; grp < group_; ++grp) scatter(n, grp, cols.data() + grp * rows * pixels, 0, pixels);
-      }
-      return finish();
-    }
+    // Few input pixels (a 1x1 or 4x4 input): the images of a slice of the batch side by
+    // side, column (n, p), so that a 32-column GEMM strip is not mostly padding and the
+    // weights are decoded once per slice.  Up to 16 columns run as activation rows
+    // against the weight rows or, with AVX-512 and 5+ columns, as the lane GEMM (the
+    // columns in the vector lanes).
+    const int64_t slice = std::clamp<int64_t>(kColsFloats * 4 / std::max<int64_t>(1, group_ * rows * pixels), 1, batch);
+    const bool lanes = UsesAvx512() && slice * pixels > 8 && slice * pixels <= kLaneColumns;
+    CallBuffer cols(context, static_cast<size_t>(group_ * rows * slice * pixels));
+    CallBuffer xt(context, static_cast<size_t>(channels * std::max(slice * pixels, kLaneColumns)));  // [c][column]
     const int64_t lda = weight_.cols_padded + 16;  // as in WeightMatMul
-    std::vector<float> a(static_cast<size_t>(pixels * lda), 0.f);
-    const int64_t block = std::max<int64_t>(16, std::min<int64_t>(256, (rows + 7) / 8));
-    for (int64_t n = 0; n < batch; ++n) {
-      for (int64_t grp = 0; grp < group_; ++grp) {
-        const int64_t row0 = grp * rows;
-        const float* xg = x + (n * channels + grp * cin_g) * pixels;
-        for (int64_t c = 0; c < cin_g; ++c)
-          for (int64_t p = 0; p < pixels; ++p) a[p * lda + c] = xg[c * pixels + p];
-        std::fill_n(cols.data() + row0 * pixels, rows * pixels, 0.f);
-        ParallelFor(context, (rows + block - 1) / block, [&](int64_t task) {
-          const int64_t r0 = row0 + task * block, r1 = std::min(row0 + rows, r0 + block);
-          for (int64_t m0 = 0; m0 < pixels; m0 += 8) {
-            RowsTimesWeight(weight_, a.data() + m0 * lda, lda, std::min<int64_t>(8, pixels - m0), r0, r1, 1.f,
-                            cols.data() + m0, 1, pixels, Epilogue{});
-          }
-        });
-        scatter(n, grp, cols.data() + row0 * pixels, 0, pixels);
+    std::vector<float> a;
+    std::vector<int64_t> offsets(static_cast<size_t>(cin_g));
+    for (int64_t n0 = 0; n0 < batch; n0 += slice) {
+      const int64_t count = std::min(slice, batch - n0), total = count * pixels;
+      const int64_t ldx = lanes ? kLaneColumns : total;
+      for (int64_t c = 0; c < channels; ++c) {
+        float* row = xt.data() + c * ldx;
+        std::fill_n(row, ldx, 0.f);
+        for (int64_t n = 0; n < count; ++n) {
+          std::copy_n(x + ((n0 + n) * channels + c) * pixels, pixels, row + n * pixels);
+        }
+      }
+      if (lanes) {
+        PixelGemmSpec spec;
+        spec.w = &weight_;
+        spec.M = rows;
+        spec.K = cin_g;
+        spec.groups = group_;
+        spec.group_b = cin_g * kLaneColumns;
+        spec.b = xt.data();
+        spec.c = cols.data();
+        spec.row_stride = total;
+        RunLaneGemm(spec, total, context);
+      } else if (total <= kLaneColumns) {
+        a.assign(static_cast<size_t>(total * lda), 0.f);
+        const int64_t block = std::max<int64_t>(16, std::min<int64_t>(256, (rows + 7) / 8));
+        for (int64_t grp = 0; grp < group_; ++grp) {
+          const int64_t row0 = grp * rows;
+          for (int64_t c = 0; c < cin_g; ++c)
+            for (int64_t j = 0; j < total; ++j) a[j * lda + c] = xt.data()[(grp * cin_g + c) * total + j];
+          std::fill_n(cols.data() + row0 * total, rows * total, 0.f);
+          ParallelFor(context, (rows + block - 1) / block, [&](int64_t task) {
+            const int64_t r0 = row0 + task * block, r1 = std::min(row0 + rows, r0 + block);
+            for (int64_t j0 = 0; j0 < total; j0 += 8) {
+              RowsTimesWeight(weight_, a.data() + j0 * lda, lda, std::min<int64_t>(8, total - j0), r0, r1, 1.f,
+                              cols.data() + j0, 1, total, Epilogue{});
+            }
+          });
+        }
+      } else {
+        for (int64_t c = 0; c < cin_g; ++c) offsets[c] = c * total;
+        for (int64_t grp = 0; grp < group_; ++grp) {
+          const int64_t row0 = grp * rows;
+          GemmSpec spec;
+          spec.M = rows;
+          spec.N = total;
+          spec.K = cin_g;
+          spec.block_m = 240;
+          spec.block_n = std::max<int64_t>(512, total);
+          spec.pack_a = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
+            PackWeightPanels(weight_, row0, i0, mi, k0, kc, kMR, dst);
+          };
+          spec.pack_a_rows = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
+            PackWeightRows(weight_, row0, i0, mi, k0, kc, dst);
+          };
+          spec.b_direct = xt.data() + grp * cin_g * total;
+          spec.b_offsets = offsets.data();
+          spec.init_c = true;
+          spec.c = cols.data() + row0 * total;
+          spec.row_stride = total;
+          RunGemm(spec, context);
+        }
+      }
+      for (int64_t n = 0; n < count; ++n) {
+        for (int64_t grp = 0; grp < group_; ++grp) {
+          scatter(n0 + n, grp, cols.data() + grp * rows * total + n * pixels, total, 0, pixels);
+        }
       }
     }
   } else {
@@ -224,7 +259,7 @@ void ConvTransposeKernel::Compute(OrtKernelContext* context) {
           spec.c = cols.data();
           spec.row_stride = np;
           RunGemm(spec, context);
-          scatter(n, grp, cols.data(), p0, np);
+          scatter(n, grp, cols.data(), np, p0, np);
         }
       }
     }
