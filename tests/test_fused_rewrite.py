@@ -152,3 +152,23 @@ def test_epilogue_folded_and_unfolded(opset):
     assert sorted(n.op_type for n in plain.graph.node if n.op_type != "Constant") == ["Add", "Clip", "Conv", "Conv", "Relu"]
     onnx.checker.check_model(plain, full_check=True)
     _close(_run(fused, feeds), _run(plain, feeds))
+
+
+def test_float16_model_keeps_the_standard_decode():
+    # the kernels compute in float32: a float16 model's layers keep Cast + Gather in
+    # the fused format (onnxruntime would reject a float16 input to the fused op)
+    from conftest import helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4)], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [1, 32, 8, 8])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = oc.compress_with_report(model, format="fused", min_elements=0)
+    assert _fused_ops(result.model) == [] and [l.format for l in result.layers] == ["standard"]
+    x = rng.standard_normal((1, 16, 8, 8)).astype(np.float16)
+    standard = oc.compress(model, min_elements=0)
+    np.testing.assert_array_equal(_run(result.model, {"x": x}), _run(standard, {"x": x}))

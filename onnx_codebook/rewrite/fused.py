@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cluster import Clustering
@@ -19,6 +20,8 @@ def fusible(node: gs.Node, weight: gs.Constant) -> bool:
     """Whether ``node`` (consuming ``weight`` as its weight) has a fused kernel."""
     if node.op not in FUSED_OF or len(node.inputs) < 2 or node.inputs[1] is not weight:
         return False
+    if weight.dtype is None or np.dtype(weight.dtype) != np.float32:
+        return False  # the kernels compute in float32; float16 / double models keep the standard decode
     rank = len(weight.shape)
     if node.op == "Conv":
         return rank - 2 in FUSED_CONV_SPATIAL
