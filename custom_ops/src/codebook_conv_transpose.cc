@@ -155,8 +155,8 @@ void ConvTransposeKernel::Compute(OrtKernelContext* context) {
     // Few input pixels (a 1x1 or 4x4 input): the images of a slice of the batch side by
     // side, column (n, p), so that a 32-column GEMM strip is not mostly padding and the
     // weights are decoded once per slice.  Up to 16 columns run as activation rows
-    // against the weight rows or, with AVX-512 and 5+ columns, as the lane GEMM (the
-    // columns in the vector lanes).
+    // against the weight rows or, with AVX-512 and 9+ columns, as the lane GEMM (the
+    // columns in the vector lanes; 8 measured faster as rows), more as one GEMM.
     const int64_t slice = std::clamp<int64_t>(kColsFloats * 4 / std::max<int64_t>(1, group_ * rows * pixels), 1, batch);
     const bool lanes = UsesAvx512() && slice * pixels > 8 && slice * pixels <= kLaneColumns;
     CallBuffer cols(context, static_cast<size_t>(group_ * rows * slice * pixels));
