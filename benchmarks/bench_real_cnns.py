@@ -1,0 +1,219 @@
+"""Fused vs fp32 latency on small real CNNs and on ConvTranspose decoders exported from PyTorch.
+
+Pretrained weights come from registry packages (see ../shared/DATA.md), fetched into the cache of
+``benchmarks/data.py`` at first use and exported with torch 2.13 (needed only for that first export):
+
+* mnist_cnn       - ccexam==1.0.0 ``ccexam/weights/mnist.pth`` (2 Conv + 2 Gemm, 1x28x28)
+* mtcnn_pnet/rnet/onet - facenet-pytorch==2.6.0 ``facenet_pytorch/data/{p,r,o}net.pt`` (the nets' classes are
+  executed from the downloaded package's ``models/mtcnn.py``); P-Net at 3x240x320, R-Net 3x24x24, O-Net 3x48x48
+
+Decoders with random weights (seed 0), defined below, for ``CodebookConvTranspose``:
+
+* dcgan   - DCGAN generator: 5 ConvTranspose 4x4 (the first on a 1x1 latent), BatchNormalization, Relu, Tanh
+* seg     - two stride-2 Conv down, two 3x3 stride-2 ConvTranspose with output_padding up, a grouped
+  ConvTranspose, 1x1 head; 3x96x128
+* audio   - two ConvTranspose1d (kernel 8, stride 4) on 128x50
+
+Each model is compressed with ``onnx_codebook.compress(bits=4, granularity="channel")`` in the fused and the
+standard format (``min_elements`` 4096 for the pretrained models, 1024 for the small decoders), and fp32 and
+fused run interleaved in one process in blocks (untimed runs for 0.15 s, so that the other session's pool
+threads stop spinning, then 3 timed runs); median of all timed runs.  The fused outputs are checked against
+the standard format's.  Writes ``benchmarks/results/real_cnns.md``.
+
+    python benchmarks/bench_real_cnns.py [--models mnist_cnn,dcgan] [--rounds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import data  # noqa: E402  (benchmarks/data.py: cache and wheel fetching)
+
+CCEXAM = "ccexam==1.0.0"
+FACENET = "facenet-pytorch==2.6.0"
+
+# name -> (input shape without batch, min_elements)
+MODELS = {
+    "mnist_cnn": ((1, 28, 28), 4096),
+    "mtcnn_pnet": ((3, 240, 320), 4096),
+    "mtcnn_rnet": ((3, 24, 24), 4096),
+    "mtcnn_onet": ((3, 48, 48), 4096),
+    "dcgan": ((100, 1, 1), 1024),
+    "seg": ((3, 96, 128), 1024),
+    "audio": ((128, 50), 1024),
+}
+
+
+def _export(model, shape, path: Path) -> Path:
+    import torch
+
+    model.eval()
+    tmp = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(model, (torch.randn(1, *shape),), str(tmp), opset_version=17, dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    tmp.replace(path)
+    return path
+
+
+def _mtcnn_classes():
+    """PNet / RNet / ONet from the downloaded facenet-pytorch wheel (its mtcnn.py up to ``class MTCNN``,
+    without the import of its face-detection helpers, which need torchvision)."""
+    pkg = data.unpacked_wheel(FACENET) / "facenet_pytorch"
+    src = (pkg / "models" / "mtcnn.py").read_text().split("class MTCNN(")[0]
+    src = src.replace("from .utils.detect_face import detect_face, extract_face", "")
+    namespace: dict = {}
+    exec(compile(src, str(pkg / "models" / "mtcnn.py"), "exec"), namespace)
+    return pkg, namespace
+
+
+def _decoders():
+    import torch
+    from torch import nn
+
+    class DCGAN(nn.Module):
+        def __init__(self, nz=100, ngf=64):
+            super().__init__()
+            layers, cin = [], nz
+            for i, cout in enumerate((ngf * 8, ngf * 4, ngf * 2, ngf)):
+                layers += [nn.ConvTranspose2d(cin, cout, 4, 1 if i == 0 else 2, 0 if i == 0 else 1, bias=False),
+                           nn.BatchNorm2d(cout), nn.ReLU(True)]
+                cin = cout
+            self.main = nn.Sequential(*layers, nn.ConvTranspose2d(cin, 3, 4, 2, 1, bias=False), nn.Tanh())
+
+        def forward(self, x):
+            return self.main(x)
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU())
+            self.up = nn.Sequential(nn.ConvTranspose2d(64, 32, 3, 2, 1, output_padding=1), nn.ReLU(),
+                                    nn.ConvTranspose2d(32, 16, 3, 2, 1, output_padding=1), nn.ReLU(),
+                                    nn.ConvTranspose2d(16, 16, 3, 1, 1, groups=2), nn.Conv2d(16, 5, 1))
+
+        def forward(self, x):
+            return self.up(self.down(x))
+
+    class Audio(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.ConvTranspose1d(128, 64, 8, 4, 2), nn.ReLU(), nn.ConvTranspose1d(64, 32, 8, 4, 2))
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    dcgan = DCGAN()
+    for m in dcgan.modules():  # running statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return {"dcgan": dcgan, "seg": Seg(), "audio": Audio()}
+
+
+def model_path(name: str) -> Path:
+    """The fp32 ONNX model, exported once into the cache."""
+    out = data.cache_dir() / "real_cnns" / f"{name}.onnx"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+    from torch import nn
+
+    shape = MODELS[name][0]
+    if name == "mnist_cnn":
+        class MNISTNet(nn.Module):  # the layout of ccexam's state dict
+            def __init__(self):
+                super().__init__()
+                self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                              nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+                self.classifier = nn.Sequential(nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+
+            def forward(self, x):
+                return self.classifier(self.features(x).flatten(1))
+
+        model = MNISTNet()
+        weights = data.unpacked_wheel(CCEXAM) / "ccexam" / "weights" / "mnist.pth"
+        model.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True), strict=True)
+    elif name.startswith("mtcnn_"):
+        pkg, classes = _mtcnn_classes()
+        net = name.split("_")[1]
+        model = classes[net[0].upper() + "Net"](pretrained=False)
+        model.load_state_dict(torch.load(str(pkg / "data" / f"{net}.pt"), map_location="cpu"), strict=True)
+    else:
+        model = _decoders()[name]
+    return _export(model, shape, out)
+
+
+def bench(name: str, rounds: int) -> list[dict]:
+    import onnxruntime as ort
+
+    import onnx_codebook
+    from onnx_codebook import ops
+
+    shape, min_elements = MODELS[name]
+    path = model_path(name)
+    variants = {fmt: onnx_codebook.compress(str(path), bits=4, granularity="channel", format=fmt,
+                                            min_elements=min_elements) for fmt in ("fused", "standard")}
+    rows = []
+    for batch in (1, 8):
+        for threads in (1, 2):
+            sessions = {
+                "fp32": ort.InferenceSession(str(path), ops.session_options(False, threads),
+                                             providers=["CPUExecutionProvider"]),
+                "fused": ops.session(variants["fused"], threads=threads),
+                "standard": ops.session(variants["standard"], threads=threads),
+            }
+            x = {"x": np.random.default_rng(0).uniform(-1, 1, (batch, *shape)).astype(np.float32)}
+            outs = {k: s.run(None, x) for k, s in sessions.items()}
+            err = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
+                      for a, b in zip(outs["fused"], outs["standard"]))
+            times = {"fp32": [], "fused": []}
+            for _ in range(rounds):
+                for k in times:
+                    end = time.perf_counter() + 0.15
+                    while time.perf_counter() < end:
+                        sessions[k].run(None, x)
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        sessions[k].run(None, x)
+                        times[k].append(time.perf_counter() - t0)
+            f, u = (float(np.median(times[k])) * 1e3 for k in ("fp32", "fused"))
+            rows.append(dict(model=name, batch=batch, threads=threads, fp32=f, fused=u, err=err))
+            print(f"{name:11s} b{batch} t{threads}: fp32 {f:.3f} ms, fused {u:.3f} ms, ratio {u / f:.2f}, "
+                  f"fused vs standard max rel err {err:.1e}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "real_cnns.md"))
+    args = parser.parse_args(argv)
+    names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    rows = [r for name in names for r in bench(name, args.rounds)]
+    lines = ["# Real CNNs and decoders: fused vs fp32", "",
+             f"Command: `python benchmarks/bench_real_cnns.py --models {','.join(names)} --rounds {args.rounds}`", "",
+             "| model | batch | threads | fp32 ms | fused ms | fused/fp32 | fused vs standard max rel err |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['batch']} | {r['threads']} | {r['fp32']:.3f} | {r['fused']:.3f} | "
+              f"{r['fused'] / r['fp32']:.2f} | {r['err']:.1e} |" for r in rows]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
