@@ -93,15 +93,19 @@ def fold_batch_norms(model: onnx.ModelProto) -> int:
 
     Only where the convolution's float32 weight (and bias) initializers feed nothing
     else, its output feeds only the normalisation, and the normalisation's parameters
-    are float32 initializers of one value per output channel.  Works in place on
+    are float32 initializers of one value per output channel; none of them may also be
+    a graph input (overridable at run time).  Works in place on
     every (sub)graph; returns how many were folded.
     """
     graphs = list(iter_graphs(model.graph))
     uses: dict[str, int] = {}
+    produced: set[str] = set()
     for g in graphs:
         for node in g.node:
+            produced.update(node.output)
             for name in node.input:
                 uses[name] = uses.get(name, 0) + 1
+    overridable = {i.name for g in graphs for i in g.input}  # an initializer that is also an input
     folded = 0
     for graph in graphs:
         inits = {t.name: t for t in graph.initializer}
@@ -123,7 +127,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> int:
             bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else ""
             params = [inits.get(n) for n in bn.input[1:]]
             tensors = [weight, *params] + ([inits.get(bias_name)] if bias_name else [])
-            if any(t is None or t.data_type != onnx.TensorProto.FLOAT for t in tensors):
+            if any(t is None or t.data_type != onnx.TensorProto.FLOAT or t.name in overridable for t in tensors):
                 continue
             if uses.get(weight.name) != 1 or (bias_name and uses.get(bias_name) != 1) or len(weight.dims) < 3:
                 continue
@@ -145,7 +149,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> int:
             if bias_name:
                 inits[bias_name].CopyFrom(numpy_helper.from_array(new_bias.astype(np.float32), bias_name))
             else:
-                bias_name = _fresh_name(f"{weight.name}.bn_bias", uses, inits)
+                bias_name = _fresh_name(f"{weight.name}.bn_bias", uses, inits, produced)
                 graph.initializer.append(numpy_helper.from_array(new_bias.astype(np.float32), bias_name))
                 uses[bias_name] = 1
                 while len(conv.input) < 3:

@@ -84,6 +84,9 @@ def test_fold_skips_a_shared_weight_and_runtime_parameters():
     model.graph.node.append(other)
     model.graph.output.append(helper.make_tensor_value_info("Y2", onnx.TensorProto.FLOAT, [2, 12, 7, 7]))
     assert fold_batch_norms(model) == 0
+    model = bn_model(rng)  # a weight that is also a graph input can be overridden at run time
+    model.graph.input.append(helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [12, 8, 3, 3]))
+    assert fold_batch_norms(model) == 0
     model = bn_model(rng)
     s = next(t for t in model.graph.initializer if t.name == "s")
     model.graph.initializer.remove(s)
