@@ -923,17 +923,7 @@ void ConvKernel::Compute(OrtKernelContext* context) {
   float* y = output.GetTensorMutableData<float>();
   const int64_t P = g.out_h * g.out_w;
 
-  const float* bias = nullptr;
-  if (ctx.GetInputCount() > 3) {
-    auto b = ctx.GetInput(3);
-    if (b != nullptr) {
-      const std::vector<int64_t> b_shape = b.GetTensorTypeAndShapeInfo().GetShape();
-      if (b_shape.size() != 1 || b_shape[0] != g.out_channels) {
-        Fail(op_, "input B has shape " + ShapeString(b_shape) + ", expected [" + std::to_string(g.out_channels) + "]");
-      }
-      bias = b.GetTensorData<float>();
-    }
-  }
+  const float* bias = OptionalBias(ctx, op_, g.out_channels);
   const float* z = nullptr;  // residual added before the activation
   if (ctx.GetInputCount() > 4) {
     auto z_input = ctx.GetInput(4);

@@ -94,17 +94,7 @@ void ConvTransposeKernel::Compute(OrtKernelContext* context) {
   const int64_t out_h = two_d ? y_shape[2] : 1, out_w = y_shape[rank - 1];
   auto output = ctx.GetOutput(0, y_shape);
   float* y = output.GetTensorMutableData<float>();
-  const float* bias = nullptr;
-  if (ctx.GetInputCount() > 3) {
-    auto b = ctx.GetInput(3);
-    if (b != nullptr) {
-      const std::vector<int64_t> b_shape = b.GetTensorTypeAndShapeInfo().GetShape();
-      if (b_shape.size() != 1 || b_shape[0] != cout) {
-        Fail(op_, "input B has shape " + ShapeString(b_shape) + ", expected [" + std::to_string(cout) + "]");
-      }
-      bias = b.GetTensorData<float>();
-    }
-  }
+  const float* bias = OptionalBias(ctx, op_, cout);
   const int64_t pixels = height * width, out_plane = out_h * out_w, taps = kh * kw;
   const int64_t planes = batch * cout;
   if (planes == 0 || out_plane == 0) return;

@@ -73,6 +73,17 @@ Epilogue ReadEpilogue(const OrtKernelInfo* info, const std::string& op) {
   return e;
 }
 
+const float* OptionalBias(Ort::KernelContext& ctx, const std::string& op, int64_t channels) {
+  if (ctx.GetInputCount() <= 3) return nullptr;
+  auto b = ctx.GetInput(3);
+  if (b == nullptr) return nullptr;
+  const std::vector<int64_t> b_shape = b.GetTensorTypeAndShapeInfo().GetShape();
+  if (b_shape.size() != 1 || b_shape[0] != channels) {
+    Fail(op, "input B has shape " + ShapeString(b_shape) + ", expected [" + std::to_string(channels) + "]");
+  }
+  return b.GetTensorData<float>();
+}
+
 int64_t ShapeSize(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;

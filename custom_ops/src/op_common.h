@@ -97,6 +97,10 @@ struct Epilogue {
 // fails for an unknown activation or NaN bounds.
 Epilogue ReadEpilogue(const OrtKernelInfo* info, const std::string& op);
 
+// Input 3 of a convolution, the optional bias: its data, or null when absent; fails
+// unless it has shape [channels].
+const float* OptionalBias(Ort::KernelContext& ctx, const std::string& op, int64_t channels);
+
 int64_t ShapeSize(const std::vector<int64_t>& shape);
 std::string ShapeString(const std::vector<int64_t>& shape);
 
