@@ -122,18 +122,25 @@ def test_bundled_model_fused_accuracy_equals_standard(tmp_path):
     assert info["compression_ratio"] > 6
 
 
-@pytest.mark.parametrize("opset", [10, 21])
-def test_epilogue_folded_and_unfolded(opset):
-    # Conv -> Add(X) -> Clip(0, 6) and Conv -> Relu fold into the fused ops' epilogue;
-    # decompress writes them out again as plain Add / Clip / Relu with the same outputs.
+@pytest.mark.parametrize("opset,bounds", [(10, "attributes"), (21, "initializers"), (17, "Constant nodes")])
+def test_epilogue_folded_and_unfolded(opset, bounds):
+    # Conv -> Add(X) -> Clip(0, 6) and Conv -> Relu fold into the fused ops' epilogue,
+    # whether Clip's bounds are attributes, initializers or Constant nodes (PyTorch's
+    # ReLU6); decompress writes them out again as plain Add / Clip / Relu with the same
+    # outputs.
     from conftest import helper, init, make_model, randn
 
     rng = np.random.default_rng(opset)
     clip = (helper.make_node("Clip", ["s"], ["c"], name="clip", min=0.0, max=6.0) if opset < 11 else
             helper.make_node("Clip", ["s", "lo", "hi"], ["c"], name="clip"))
     inits = [init("W1", randn(rng, 16, 16, 3, 3)), init("B1", randn(rng, 16)), init("W2", randn(rng, 16, 16, 3, 3))]
-    if opset >= 11:
+    constants = []
+    if bounds == "initializers":
         inits += [init("lo", np.array(0.0, np.float32)), init("hi", np.array(6.0, np.float32))]
+    elif bounds == "Constant nodes":
+        constants = [helper.make_node("Constant", [], ["lo"], name="lo", value=onnx.numpy_helper.from_array(
+                         np.array(0.0, np.float32))),
+                     helper.make_node("Constant", [], ["hi"], name="hi", value_float=6.0)]
     nodes = [
         helper.make_node("Conv", ["X", "W1", "B1"], ["y1"], name="conv1", pads=[1] * 4, kernel_shape=[3, 3]),
         helper.make_node("Add", ["y1", "X"], ["s"], name="add"),
@@ -141,7 +148,7 @@ def test_epilogue_folded_and_unfolded(opset):
         helper.make_node("Conv", ["c", "W2"], ["y2"], name="conv2", pads=[1] * 4, kernel_shape=[3, 3]),
         helper.make_node("Relu", ["y2"], ["Y"], name="relu"),
     ]
-    model = make_model(nodes, [("X", [1, 16, 8, 8])], [("Y", [1, 16, 8, 8])], inits, opset=opset)
+    model = make_model(constants + nodes, [("X", [1, 16, 8, 8])], [("Y", [1, 16, 8, 8])], inits, opset=opset)
     fused = oc.compress(model, format="fused", bits=4, granularity="channel", min_elements=0)
     assert [n.op_type for n in fused.graph.node] == ["CodebookConv", "CodebookConv"]
     conv1 = fused.graph.node[0]

@@ -87,20 +87,39 @@ def _single_consumer(t: gs.Tensor, graph_outputs: set) -> gs.Node | None:
     return t.outputs[0]
 
 
+def _scalar(t: gs.Tensor) -> float | None:
+    """The value of a one-element constant: an initializer or the output of a ``Constant``
+    node (PyTorch exports ReLU6's bounds that way); None for anything else."""
+    if isinstance(t, gs.Constant):
+        values = t.values
+    elif len(t.inputs) == 1 and t.inputs[0].op == "Constant" and t.inputs[0].domain in (None, "", "ai.onnx"):
+        attrs = t.inputs[0].attrs
+        if isinstance(attrs.get("value"), gs.Constant):
+            values = attrs["value"].values
+        elif "value_float" in attrs:
+            values = np.asarray(attrs["value_float"])
+        else:
+            return None
+    else:
+        return None
+    values = np.asarray(values)
+    return float(values.reshape(-1)[0]) if values.size == 1 else None
+
+
 def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
     """(min, max) of a Clip whose bounds are constants (attributes before opset 11)."""
     lo, hi = float("-inf"), float("inf")
     if "min" in node.attrs or "max" in node.attrs:
         lo, hi = float(node.attrs.get("min", lo)), float(node.attrs.get("max", hi))
-    for i, default in ((1, lo), (2, hi)):
+    for i in (1, 2):
         if len(node.inputs) > i and node.inputs[i].name:
-            t = node.inputs[i]
-            if not isinstance(t, gs.Constant) or t.values.size != 1:
+            value = _scalar(node.inputs[i])
+            if value is None:
                 return None
             if i == 1:
-                lo = float(t.values.reshape(-1)[0])
+                lo = value
             else:
-                hi = float(t.values.reshape(-1)[0])
+                hi = value
     return lo, hi
 
 
