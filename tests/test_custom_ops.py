@@ -280,6 +280,28 @@ def test_conv_small_planes_many_channels(size, kernel, stride, pads, batch, grou
 
 
 @pytest.mark.parametrize(
+    "size, kernel, stride, dilation, pads, batch, group",
+    [([8, 8], [8, 8], [1, 1], [1, 1], [0] * 4, 1, 1),  # classifier head over the last map
+     ([7, 7], [7, 7], [2, 3], [1, 1], [0, 0, 1, 1], 3, 1),  # stride and end pads do not matter
+     ([1, 1], [1, 1], [1, 1], [2, 3], [0] * 4, 11, 1),  # 1x1 on a pooled map, more than 8 rows
+     ([1, 5], [1, 5], [1, 1], [3, 1], [0] * 4, 2, 1),
+     ([6], [6], [1], [1], [0, 0], 2, 1),  # 1-D
+     # near misses that take the other paths
+     ([8, 8], [8, 8], [1, 1], [1, 1], [1, 0, 0, 0], 1, 1), ([7, 7], [7, 7], [2, 1], [1, 1], [1, 0, 0, 0], 2, 1),
+     ([8, 8], [7, 8], [1, 1], [1, 1], [0] * 4, 2, 1),
+     ([4, 4], [4, 4], [1, 1], [1, 1], [0] * 4, 2, 2)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_whole_window(size, kernel, stride, dilation, pads, batch, group, threads):
+    # A window that is the whole unpadded input runs as a fully connected layer over
+    # the images as they lie in memory, bias, residual and activation included.
+    conv_case(np.random.default_rng(sum(size) * batch + len(size)), spatial=len(size), batch=batch, cin=24 * group,
+              cout=40 * group, group=group, kernel=kernel, stride=stride, dilation=dilation, pads=pads,
+              auto_pad="NOTSET", bits=3, group_size=1, bias=True, activation="Clip", residual=True,
+              threads=threads, size=size)
+
+
+@pytest.mark.parametrize(
     "size, kernel, stride, pads, batch, group, bits",
     [([4, 4], [3, 3], [1, 1], [1] * 4, 1, 1, 4), ([2, 2], [3, 3], [1, 1], [1] * 4, 3, 1, 2),
      ([5, 3], [3, 1], [2, 1], [1, 0, 0, 0], 2, 2, 3), ([3, 3], [2, 2], [1, 1], [0] * 4, 4, 1, 7),

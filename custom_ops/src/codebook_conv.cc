@@ -802,6 +802,20 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
 void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, const float* bias, const float* z,
              const Epilogue& act, float* y, ConvPlans& plans, int64_t threads, const OrtKernelContext* ctx) {
   const int64_t P = g.out_h * g.out_w;
+  if (g.group == 1 && g.out_h == 1 && g.out_w == 1 && g.kh == g.height && g.kw == g.width && g.pad_top == 0 &&
+      g.pad_left == 0 && (g.kh == 1 || g.dh == 1) && (g.kw == 1 || g.dw == 1)) {
+    // The window is the whole unpadded input (a classifier head over the last feature
+    // map, a 1x1 convolution on a pooled 1x1 map): each image, as it lies in memory,
+    // is a row of a fully connected layer's input ([cin][kh][kw], the weight's column
+    // order).  y[n][co] = act(bias + z + sum_k w(co, k) x[n][k]).
+    for (int64_t n = 0; n < g.batch; ++n) {
+      for (int64_t co = 0; co < g.out_channels; ++co) {
+        y[n * g.out_channels + co] = (bias ? bias[co] : 0.f) + (z ? z[n * g.out_channels + co] : 0.f);
+      }
+    }
+    WeightMatMul(w, x, g.batch, false, 1.f, act, y, ctx);
+    return;
+  }
   if (g.cin_per_group == 1) {
     DirectConv(w, g, x, bias, z, act, y, ctx);
     return;
