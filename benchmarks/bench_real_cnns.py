@@ -14,6 +14,14 @@ Decoders with random weights (seed 0), defined below, for ``CodebookConvTranspos
   ConvTranspose, 1x1 head; 3x96x128
 * audio   - two ConvTranspose1d (kernel 8, stride 4) on 128x50
 
+Other architectures with random weights (seed 0, BatchNormalization statistics that are not the identity),
+defined below, for how the fused ops fare on the layer shapes and export patterns of common families:
+
+* mobilenetv2 - MobileNetV2 (inverted residuals, depthwise 3x3, ReLU6 exported as Clip with Constant bounds); 3x224x224
+* resnet18    - ResNet-18 (basic blocks, 1x1 stride-2 shortcuts); 3x224x224
+* disc        - DCGAN discriminator (4x4 stride-2 Conv, LeakyRelu, a final 8x8 Conv over the whole map); 3x64x64
+* convnext    - two ConvNeXt blocks (depthwise 7x7, LayerNorm, Linear layers as MatMul on NHWC); 3x64x64
+
 Each model is compressed with ``onnx_codebook.compress(bits=4, granularity="channel")`` in the fused and the
 standard format (``min_elements`` 4096 for the pretrained models, 1024 for the small decoders), and fp32 and
 fused run interleaved in one process in blocks (untimed runs for 0.15 s, so that the other session's pool
@@ -50,6 +58,10 @@ MODELS = {
     "dcgan": ((100, 1, 1), 1024),
     "seg": ((3, 96, 128), 1024),
     "audio": ((128, 50), 1024),
+    "mobilenetv2": ((3, 224, 224), 4096),
+    "resnet18": ((3, 224, 224), 4096),
+    "disc": ((3, 64, 64), 4096),
+    "convnext": ((3, 64, 64), 4096),
 }
 
 
@@ -120,6 +132,106 @@ def _decoders():
     return {"dcgan": dcgan, "seg": Seg(), "audio": Audio()}
 
 
+def _architectures():
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, k, stride, groups=1, act=nn.ReLU6):
+        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act()]
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin, cout, stride, expand):
+            super().__init__()
+            mid = cin * expand
+            layers = (conv_bn(cin, mid, 1, 1) if expand != 1 else []) + conv_bn(mid, mid, 3, stride, mid)
+            self.conv = nn.Sequential(*layers, nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.conv(x) if self.residual else self.conv(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, cin = conv_bn(3, 32, 3, 2), 32
+            for t, cout, n, stride in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                                       (6, 160, 3, 2), (6, 320, 1, 1)]:
+                for i in range(n):
+                    layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, t))
+                    cin = cout
+            self.features = nn.Sequential(*layers, *conv_bn(cin, 1280, 1, 1))
+            self.classifier = nn.Linear(1280, 1000)
+
+        def forward(self, x):
+            return self.classifier(self.features(x).mean((2, 3)))
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride, act=nn.ReLU), *conv_bn(cout, cout, 3, 1)[:2])
+            self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                          if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.short(x))
+
+    class ResNet18(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, cin = [*conv_bn(3, 64, 7, 2, act=nn.ReLU), nn.MaxPool2d(3, 2, 1)], 64
+            for cout, stride in [(64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)]:
+                layers.append(BasicBlock(cin, cout, stride))
+                cin = cout
+            self.features = nn.Sequential(*layers)
+            self.fc = nn.Linear(512, 1000)
+
+        def forward(self, x):
+            return self.fc(self.features(x).mean((2, 3)))
+
+    class Discriminator(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main = nn.Sequential(
+                nn.Conv2d(3, 64, 4, 2, 1), nn.LeakyReLU(0.2),
+                nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
+                nn.Conv2d(128, 256, 4, 2, 1, bias=False), nn.BatchNorm2d(256), nn.LeakyReLU(0.2),
+                nn.Conv2d(256, 1, 8), nn.Sigmoid())
+
+        def forward(self, x):
+            return self.main(x).flatten(1)
+
+    class ConvNeXtBlock(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+            self.norm = nn.LayerNorm(dim)
+            self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+            self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+        def forward(self, x):
+            h = self.norm(self.dw(x).permute(0, 2, 3, 1))
+            return x + (self.fc2(nn.functional.gelu(self.fc1(h))) * self.gamma).permute(0, 3, 1, 2)
+
+    class ConvNeXt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 96, 4, 4), ConvNeXtBlock(96), nn.Conv2d(96, 192, 2, 2),
+                                     ConvNeXtBlock(192))
+            self.fc = nn.Linear(192, 100)
+
+        def forward(self, x):
+            return self.fc(self.net(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    models = {"mobilenetv2": MobileNetV2(), "resnet18": ResNet18(), "disc": Discriminator(), "convnext": ConvNeXt()}
+    for model in models.values():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return models
+
+
 def model_path(name: str) -> Path:
     """The fp32 ONNX model, exported once into the cache."""
     out = data.cache_dir() / "real_cnns" / f"{name}.onnx"
@@ -149,8 +261,10 @@ def model_path(name: str) -> Path:
         net = name.split("_")[1]
         model = classes[net[0].upper() + "Net"](pretrained=False)
         model.load_state_dict(torch.load(str(pkg / "data" / f"{net}.pt"), map_location="cpu"), strict=True)
-    else:
+    elif name in ("dcgan", "seg", "audio"):
         model = _decoders()[name]
+    else:
+        model = _architectures()[name]
     return _export(model, shape, out)
 
 

@@ -3,6 +3,7 @@
 #include "codebook_ops.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "kernels.h"
@@ -73,6 +74,22 @@ void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans
   s.pack_b = [&](int64_t j0, int64_t nj, int64_t k0, int64_t kc, float* dst) {
     PackWeightPanels(w, 0, j0, nj, k0, kc, kNR, dst);
   };
+  if (!trans_a) {
+    // rows of A copied as they are, row r at dst + r * kKC; the rows past mi of the
+    // last panel pair are zero (the kernel reads them, and stores none of their sums)
+    s.prefer_rows_a = true;
+    s.pack_a_rows = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
+      const int64_t rows = (mi + kMR - 1) / kMR * kMR;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* out = dst + r * kKC;
+        if (r < mi) {
+          std::memcpy(out, a + (i0 + r) * K + k0, static_cast<size_t>(kc) * sizeof(float));
+        } else {
+          std::fill_n(out, kc, 0.f);
+        }
+      }
+    };
+  }
   s.c = y;
   s.act = act;
   s.row_stride = N;

@@ -1598,6 +1598,9 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
   // Direct B is read in place by the AVX-512 kernel when C is written by it too,
   // against A packed as weight rows (pack_a_rows).
   const bool direct = s.b_direct != nullptr && g_avx512 && s.col_div >= kNR;
+  // A as rows (pack_a_rows) on the AVX-512 path: with a direct B, or where the caller
+  // prefers it (copying rows of activations costs less than transposing them into panels).
+  const bool rows_a = direct || (g_avx512 && s.prefer_rows_a && s.pack_a_rows);
   int64_t bm = 0, bn = 0;
   ChooseTiles(s, direct ? 0.0 : s.pack_b_cost, ctx ? PoolWorkers() : 1, &bm, &bn);
   const int64_t tiles_m = (s.M + bm - 1) / bm;
@@ -1615,7 +1618,7 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
     for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
       const int64_t kc = std::min(kKC, s.K - k0);
       const bool last = k0 + kc >= s.K;
-      if (direct) {
+      if (rows_a) {
         s.pack_a_rows(i0, mi, k0, kc, a);
       } else {
         s.pack_a(i0, mi, k0, kc, a);
@@ -1662,6 +1665,10 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
               pair ? MicroKernelAvx512<12, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off)
                    : MicroKernelAvx512<6, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off);
             }
+          } else if (rows_a) {
+            const float* ap = a + p * kMR * kKC;
+            pair ? MicroKernelAvx512<12, false, true>(kc, ap, b + q * kNR * kc, nullptr, st)
+                 : MicroKernelAvx512<6, false, true>(kc, ap, b + q * kNR * kc, nullptr, st);
           } else if (pair) {
             MicroKernelAvx512<12>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
           } else if (g_avx512) {

@@ -54,6 +54,8 @@ struct GemmSpec {
   // With a direct B, used on the AVX-512 path instead of pack_a: writes A as rows,
   // row i at dst + i * kKC (PackWeightRows), for which no transposing is needed.
   std::function<void(int64_t, int64_t, int64_t, int64_t, float*)> pack_a_rows;
+  // Use pack_a_rows on the AVX-512 path with a packed B too.
+  bool prefer_rows_a = false;
   float* c = nullptr;
   // init_c: C holds garbage and is overwritten with row_bias[i] (or 0) + alpha * A B.
   bool init_c = false;
