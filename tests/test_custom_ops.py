@@ -206,6 +206,7 @@ def test_conv_depthwise(seed):
 @pytest.mark.parametrize("k", [3, 5, 7])
 def test_conv_depthwise_many_channels(size, stride, k):
     # 40 channels: blocks of 16 channel planes (small planes) with a partial last block
+    # (each block's taps decoded as one [tap][16] panel)
     rng = np.random.default_rng(size * k)
     conv_case(rng, batch=2, cin=40, cout=40, group=40, kernel=[k, k], stride=[stride, stride], dilation=[1, 1],
               pads=[k // 2] * 4, auto_pad="NOTSET", bits=4, group_size=1, bias=True, activation="Clip",
@@ -216,8 +217,8 @@ def test_conv_depthwise_many_channels(size, stride, k):
     # rectangular windows, mixed strides: the row kernels (column stride 1 or 2, no
     # column dilation) and the generic loop (column dilation 2) on the same thread
     conv_case(rng, batch=3, cin=20, cout=20, group=20, kernel=[k, 3], stride=[stride, 3 - stride],
-              dilation=[1, 1], pads=[0, 1, 2, 1], auto_pad="NOTSET", bits=4, group_size=1, bias=True, threads=1,
-              size=[size + k, size + 1])
+              dilation=[1, 1], pads=[0, 1, 2, 1], auto_pad="NOTSET", bits=6, group_size=1, bias=True, threads=1,
+              size=[size + k, size + 1])  # 6 bits: the taps decoded without the AVX-512 4-bit decoder
     conv_case(rng, batch=2, cin=20, cout=20, group=20, kernel=[3, k], stride=[1, stride], dilation=[1, 2],
               pads=[1, k, 1, k], auto_pad="NOTSET", bits=2, group_size=1, bias=True, threads=1, size=[size, size])
 

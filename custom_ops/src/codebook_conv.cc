@@ -81,19 +81,15 @@ void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, 
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, total / 4));
     const int64_t tasks = (total + chunk - 1) / chunk;
     ParallelFor(ctx, tasks, [&](int64_t task) {
-      thread_local std::vector<float> rows_buf, taps_buf;
-      float* rows = Scratch(rows_buf, static_cast<size_t>(w.cols_padded));
-      float* taps16 = Scratch(taps_buf, static_cast<size_t>(ntaps * 16));
+      thread_local std::vector<float> taps_buf;
+      // [tap][16 channels], zero past the block's channels (packers write up to 8 * 32 + 8 past it)
+      float* taps16 = Scratch(taps_buf, static_cast<size_t>(ntaps * 16 + 8 * 32 + 8));
       int64_t decoded = -1;
       for (int64_t u = task * chunk; u < std::min(total, (task + 1) * chunk); ++u) {
         const int64_t block = u / g.batch, n = u % g.batch, c0 = block * 16;
         const int64_t count = std::min<int64_t>(16, g.out_channels - c0);
         if (block != decoded) {
-          std::fill_n(taps16, ntaps * 16, 0.f);
-          for (int64_t c = 0; c < count; ++c) {
-            DecodeRow(w, c0 + c, 0, w.cols, rows);
-            for (int64_t t = 0; t < ntaps; ++t) taps16[t * 16 + c] = rows[t];
-          }
+          PackWeightPanels(w, 0, c0, count, 0, ntaps, 16, taps16);
           decoded = block;
         }
         const int64_t out = (n * g.out_channels + c0) * out_plane;
