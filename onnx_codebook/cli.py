@@ -186,7 +186,7 @@ def compress(
 
     def body():
         from . import make_config
-        from .io import check_output_path, load_model, save_model
+        from .io import check_output_path, load_model, model_file_bytes, save_model
         from .pipeline import compress_model
 
         if fmt not in FORMATS:
@@ -210,7 +210,7 @@ def compress(
             from .evaluation import evaluate
 
             metrics = {"original": evaluate(proto, data), "compressed": evaluate(result.model, data, reference=proto)}
-        before = model.stat().st_size
+        before = model_file_bytes(model)
         after = save_model(result.model, output)
         summary = {"input": str(model), "output": str(output), "format": fmt,
                    "model_bytes_before": before, "model_bytes_after": after,
@@ -238,10 +238,10 @@ def inspect(model: ModelArg, as_json: JsonOpt = False):
 
     def body():
         from .analysis import inspect_model
-        from .io import load_model
+        from .io import load_model, model_file_bytes
 
         info = inspect_model(load_model(model))
-        info["model_bytes"] = model.stat().st_size
+        info["model_bytes"] = model_file_bytes(model)
         if as_json:
             print(json.dumps(info, indent=2, default=_json_default))
             return
@@ -344,7 +344,7 @@ def search(
 
     def body():
         from . import search as run_search
-        from .io import check_output_path, save_model
+        from .io import check_output_path, model_file_bytes, save_model
 
         check_output_path(output, inputs=(model,), force=force)
         for extra in (report, plot):
@@ -372,7 +372,7 @@ def search(
                                 min_elements=min_elements, bias_correction=bias_correction,
                                 activation_aware=activation_aware, image=image, seed=seed, progress=tick)
         rep = result.report
-        before = model.stat().st_size
+        before = model_file_bytes(model)
         after = save_model(result.model, output)
         rep.update(input=str(model), output=str(output), model_bytes_before=before, model_bytes_after=after)
         if report is not None:

@@ -57,6 +57,28 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def model_file_bytes(path: str | os.PathLike) -> int:
+    """Bytes a model takes on disk: its file plus the external-data files its tensors name."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: load_model reports it
+        return size
+    locations = set()
+    for graph in iter_graphs(proto.graph):
+        tensors = list(graph.initializer) + [a.t for n in graph.node for a in n.attribute
+                                             if a.type == onnx.AttributeProto.TENSOR]
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                locations.update(e.value for e in t.external_data if e.key == "location")
+    for location in locations:
+        data = path.parent / location
+        if data.is_file():
+            size += data.stat().st_size
+    return size
+
+
 def _typed_size(t: onnx.TensorProto) -> int:
     fields = (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data)
     return sum(len(f) * (8 if f in (t.int64_data, t.double_data, t.uint64_data) else 4) for f in fields)

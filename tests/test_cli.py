@@ -104,6 +104,22 @@ def test_compress_inspect_decompress_evaluate(work, rng):
     assert listing(work) == ["c.onnx", "d.onnx", "m.onnx", "r.json"]
 
 
+def test_file_sizes_count_external_data(work):
+    # A model saved with its tensors in a separate file (as torch.onnx.export's dynamo
+    # exporter does for large models): the input size reported is model file + data file.
+    model = work / "ext.onnx"
+    onnx.save(onnx.load(str(work / "m.onnx")), str(model), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    on_disk = model.stat().st_size + (work / "ext.onnx.data").stat().st_size
+    report = work / "r.json"
+    assert_ok(invoke("compress", model, "-o", work / "c.onnx", "--min-elements", 0, "--report", report))
+    payload = json.loads(report.read_text())
+    assert payload["model_bytes_before"] == on_disk > 4 * (144 + 4608 + 320)
+    result = invoke("inspect", model, "--json")
+    assert_ok(result)
+    assert json.loads(result.stdout)["model_bytes"] == on_disk
+
+
 def test_compress_force_overwrites_the_input(work):
     model = work / "m.onnx"
     assert_ok(invoke("compress", model, "-o", model, "--min-elements", 0, "--bits", 3, "--force"))
