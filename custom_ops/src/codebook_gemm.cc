@@ -65,7 +65,7 @@ void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans
   s.K = K;
   s.alpha = alpha;
   s.block_m = 192;
-  s.block_n = 256;
+  s.block_n = 512;
   s.pack_a_cost = 0.3;  // copying activations
   s.pack_b_cost = 1.0;  // decoding weights
   s.pack_a = [&](int64_t i0, int64_t mi, int64_t k0, int64_t kc, float* dst) {
