@@ -19,7 +19,8 @@ defined below, for how the fused ops fare on the layer shapes and export pattern
 
 * mobilenetv2 - MobileNetV2 (inverted residuals, depthwise 3x3, ReLU6 exported as Clip with Constant bounds); 3x224x224
 * resnet18    - ResNet-18 (basic blocks, 1x1 stride-2 shortcuts); 3x224x224
-* disc        - DCGAN discriminator (4x4 stride-2 Conv, LeakyRelu, a final 8x8 Conv over the whole map); 3x64x64
+* disc        - DCGAN discriminator (4x4 stride-2 Conv, LeakyRelu, a final 8x8 Conv over the whole map; logits out,
+                as a Sigmoid would saturate on random weights and hide differences); 3x64x64
 * convnext    - two ConvNeXt blocks (depthwise 7x7, LayerNorm, Linear layers as MatMul on NHWC); 3x64x64
 
 Each model is compressed with ``onnx_codebook.compress(bits=4, granularity="channel")`` in the fused and the
@@ -195,7 +196,7 @@ def _architectures():
                 nn.Conv2d(3, 64, 4, 2, 1), nn.LeakyReLU(0.2),
                 nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2),
                 nn.Conv2d(128, 256, 4, 2, 1, bias=False), nn.BatchNorm2d(256), nn.LeakyReLU(0.2),
-                nn.Conv2d(256, 1, 8), nn.Sigmoid())
+                nn.Conv2d(256, 1, 8))
 
         def forward(self, x):
             return self.main(x).flatten(1)
