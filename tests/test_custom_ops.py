@@ -920,6 +920,8 @@ def test_fallback_kernels_in_subprocess(kernels):
         "    t.gemm_case(np.random.default_rng(seed), M=1 + seed * 3, K=77, N=33, trans_a=bool(seed % 2),\n"
         "                trans_b=bool(seed % 3), alpha=0.5, beta=1.0, c_shape=(33,), bits=1 + seed, group_size=2,\n"
         "                activation=['', 'Relu', 'Clip'][seed % 3])\n"
+        "    t.gemm_case(np.random.default_rng(seed), M=9 + 5 * seed, K=40, N=37, trans_a=False, trans_b=True,\n"
+        "                alpha=1.0, beta=0.0, c_shape=None, bits=4, group_size=1, activation='Relu')\n"
         "    t.conv_transpose_case(np.random.default_rng(seed), size=[2 + seed, 9 - seed])\n"
         "    t.conv_transpose_case(np.random.default_rng(seed), cin=24, cout=16, group=1 + seed % 2,\n"
         "                          size=[1 + seed % 3, 5], threads=2)\n"

@@ -37,13 +37,15 @@ void PackActivationPanels(const float* a, int64_t M, int64_t K, bool trans, int6
 
 }  // namespace
 
-// y[M, N] = act(y + alpha * op(A) * W^T), W the codebook weight with N rows of K entries.
+// y[M, N] = act(y + alpha * op(A) * W^T), W the codebook weight with N rows of K entries (y's contents
+// ignored when !y_holds_values).
 void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans_a, float alpha, const Epilogue& act,
-                  float* y, const OrtKernelContext* ctx) {
+                  float* y, const OrtKernelContext* ctx, bool y_holds_values) {
   const int64_t N = w.rows, K = w.cols;
   if (M <= 0 || N <= 0) return;
   constexpr int64_t kSmallM = 8;
   if (M <= kSmallM) {
+    if (!y_holds_values) std::fill(y, y + M * N, 0.f);
     // Few rows: decode each weight row once and reduce it against all rows of A.
     // Rows 16 floats longer than the padded weight rows: power-of-two strides would put
     // the same column of every row into one L1 set.
@@ -91,6 +93,7 @@ void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans
     };
   }
   s.c = y;
+  s.init_c = !y_holds_values;  // the first write overwrites y (no zero fill beforehand)
   s.act = act;
   s.row_stride = N;
   RunGemm(s, ctx);
@@ -126,7 +129,7 @@ void GemmKernel::ComputeGemm(OrtKernelContext* context) {
   }
   auto output = ctx.GetOutput(0, std::vector<int64_t>{M, N});
   float* y = output.GetTensorMutableData<float>();
-  std::fill(y, y + M * N, 0.f);
+  bool y_holds_c = false;  // y = beta * C, or nothing yet
 
   if (ctx.GetInputCount() > 3) {
     auto c_input = ctx.GetInput(3);
@@ -148,9 +151,10 @@ void GemmKernel::ComputeGemm(OrtKernelContext* context) {
       const float* c = c_input.GetTensorData<float>();
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) y[m * N + n] = beta_ * c[(cm == 1 ? 0 : m) * cn + (cn == 1 ? 0 : n)];
+      y_holds_c = true;
     }
   }
-  WeightMatMul(weight_, input.GetTensorData<float>(), M, trans_a_, alpha_, act_, y, context);
+  WeightMatMul(weight_, input.GetTensorData<float>(), M, trans_a_, alpha_, act_, y, context, y_holds_c);
 }
 
 void GemmKernel::ComputeMatMul(OrtKernelContext* context) {
@@ -167,8 +171,7 @@ void GemmKernel::ComputeMatMul(OrtKernelContext* context) {
   const int64_t rows = a_shape.size() == 1 ? 1 : ShapeSize(std::vector<int64_t>(a_shape.begin(), a_shape.end() - 1));
   auto output = ctx.GetOutput(0, y_shape);
   float* y = output.GetTensorMutableData<float>();
-  std::fill(y, y + rows * weight_.rows, 0.f);
-  WeightMatMul(weight_, input.GetTensorData<float>(), rows, false, 1.f, act_, y, context);
+  WeightMatMul(weight_, input.GetTensorData<float>(), rows, false, 1.f, act_, y, context, false);
 }
 
 }  // namespace onnx_codebook

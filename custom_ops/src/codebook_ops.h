@@ -42,9 +42,10 @@ OrtStatusPtr ORT_API_CALL InferGemmShape(const OrtCustomOp* op, OrtShapeInferCon
 OrtStatusPtr ORT_API_CALL InferMatMulShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) noexcept;
 OrtStatusPtr ORT_API_CALL InferConvTransposeShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) noexcept;
 
-// y[M, N] = act(y + alpha * op(A) * W^T) for the codebook weight W (N rows of K entries).
+// y[M, N] = act(y + alpha * op(A) * W^T) for the codebook weight W (N rows of K entries);
+// with y_holds_values false, y's contents are ignored (act(alpha * op(A) * W^T)).
 void WeightMatMul(const CodebookWeight& w, const float* a, int64_t M, bool trans_a, float alpha, const Epilogue& act,
-                  float* y, const OrtKernelContext* ctx);
+                  float* y, const OrtKernelContext* ctx, bool y_holds_values = true);
 
 class GemmKernel {
  public:
