@@ -44,17 +44,19 @@ def load_model(source: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all initializers and Constant-node tensors, subgraphs included."""
-    total = 0
-    for graph in iter_graphs(model.graph):
-        for t in graph.initializer:
-            total += len(t.raw_data) or _typed_size(t)
-        for node in graph.node:
+def iter_tensors(graph: onnx.GraphProto):
+    """Every initializer and Constant-node tensor of the graph and its subgraphs."""
+    for g in iter_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
-                    total += len(a.t.raw_data) or _typed_size(a.t)
-    return total
+                    yield a.t
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializers and Constant-node tensors, subgraphs included."""
+    return sum(len(t.raw_data) or _typed_size(t) for t in iter_tensors(model.graph))
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:
@@ -65,13 +67,8 @@ def model_file_bytes(path: str | os.PathLike) -> int:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable: load_model reports it
         return size
-    locations = set()
-    for graph in iter_graphs(proto.graph):
-        tensors = list(graph.initializer) + [a.t for n in graph.node for a in n.attribute
-                                             if a.type == onnx.AttributeProto.TENSOR]
-        for t in tensors:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                locations.update(e.value for e in t.external_data if e.key == "location")
+    locations = {e.value for t in iter_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
     for location in locations:
         data = path.parent / location
         if data.is_file():

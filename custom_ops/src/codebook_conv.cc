@@ -82,8 +82,8 @@ void DirectConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, 
     const int64_t tasks = (total + chunk - 1) / chunk;
     ParallelFor(ctx, tasks, [&](int64_t task) {
       thread_local std::vector<float> taps_buf;
-      // [tap][16 channels], zero past the block's channels (packers write up to 8 * 32 + 8 past it)
-      float* taps16 = Scratch(taps_buf, static_cast<size_t>(ntaps * 16 + 8 * 32 + 8));
+      // [tap][16 channels], zero past the block's channels
+      float* taps16 = Scratch(taps_buf, static_cast<size_t>(ntaps * 16 + kPackSlack));
       int64_t decoded = -1;
       for (int64_t u = task * chunk; u < std::min(total, (task + 1) * chunk); ++u) {
         const int64_t block = u / g.batch, n = u % g.batch, c0 = block * 16;

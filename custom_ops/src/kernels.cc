@@ -1610,10 +1610,9 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
     const int64_t i0 = (t % tiles_m) * bm, j0 = (t / tiles_m) * bn;
     const int64_t mi = std::min(bm, s.M - i0), nj = std::min(bn, s.N - j0);
     const int64_t panels = (mi + kMR - 1) / kMR, strips = (nj + kNR - 1) / kNR;
-    constexpr int64_t kSlack = 8 * kNR + 8;  // packers may write this far past the end
-    float* a = Scratch(a_buf, static_cast<size_t>(panels * kMR * kKC + kSlack));
+    float* a = Scratch(a_buf, static_cast<size_t>(panels * kMR * kKC + kPackSlack));
     // Direct B: only a partial last strip is packed (the kernel reads whole strips).
-    float* b = Scratch(b_buf, static_cast<size_t>((direct ? 1 : strips) * kNR * kKC + kSlack));
+    float* b = Scratch(b_buf, static_cast<size_t>((direct ? 1 : strips) * kNR * kKC + kPackSlack));
     alignas(32) float tile[kMR * kNR];
     for (int64_t k0 = 0; k0 < s.K; k0 += kKC) {
       const int64_t kc = std::min(kKC, s.K - k0);
@@ -1653,22 +1652,19 @@ void RunGemm(const GemmSpec& s, const OrtKernelContext* ctx) {
           st.add = st.first && s.add ? s.add + (c - s.c) : nullptr;
           st.last = last;
           st.act = &s.act;
-          if (direct) {
-            const bool tail = nr < kNR;  // a partial strip is packed: the kernel reads whole strips
-            if (tail && p == 0) PackDirectStrips(s, jc, nr, k0, kc, b);
-            const float* ap = a + p * kMR * kKC;  // weight rows
-            const int64_t* off = s.b_offsets + k0;
-            if (tail) {
-              pair ? MicroKernelAvx512<12, false, true>(kc, ap, b, nullptr, st)
-                   : MicroKernelAvx512<6, false, true>(kc, ap, b, nullptr, st);
-            } else {
+          if (rows_a) {
+            const float* ap = a + p * kMR * kKC;  // rows of A
+            if (direct && nr == kNR) {            // B read in place
+              const int64_t* off = s.b_offsets + k0;
               pair ? MicroKernelAvx512<12, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off)
                    : MicroKernelAvx512<6, true, true>(kc, ap, s.b_direct + jc, nullptr, st, off);
+            } else {
+              // B packed; of a direct B only a partial strip is, here (the kernel reads whole strips)
+              if (direct && p == 0) PackDirectStrips(s, jc, nr, k0, kc, b);
+              const float* bq = direct ? b : b + q * kNR * kc;
+              pair ? MicroKernelAvx512<12, false, true>(kc, ap, bq, nullptr, st)
+                   : MicroKernelAvx512<6, false, true>(kc, ap, bq, nullptr, st);
             }
-          } else if (rows_a) {
-            const float* ap = a + p * kMR * kKC;
-            pair ? MicroKernelAvx512<12, false, true>(kc, ap, b + q * kNR * kc, nullptr, st)
-                 : MicroKernelAvx512<6, false, true>(kc, ap, b + q * kNR * kc, nullptr, st);
           } else if (pair) {
             MicroKernelAvx512<12>(kc, a + p * kMR * kc, b + q * kNR * kc, nullptr, st);
           } else if (g_avx512) {
@@ -1772,7 +1768,7 @@ void RunPixelGemm(const PixelGemmSpec& s, const OrtKernelContext* ctx) {
     if (p.t0 >= p.t1) return;
     const int64_t grp = unit / blocks, block = unit % blocks;
     const int64_t i0 = block * 32, rows = std::min<int64_t>(32, s.M - i0);
-    float* panel = Scratch(panel_buf, static_cast<size_t>(32 * kKC + 8 * 32 + 8));
+    float* panel = Scratch(panel_buf, static_cast<size_t>(32 * kKC + kPackSlack));
     float* acc = Scratch(acc_buf, static_cast<size_t>((p.col1 - p.col0) * 32));
     PixelArgs a{};
     a.b = s.b + grp * s.group_b;

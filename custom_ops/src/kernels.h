@@ -26,6 +26,10 @@ bool UsesAvx512();
 // (room for count rounded up to 8).
 void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, float* out);
 
+// Floats past the end of their output that the packers (PackWeightPanels and the
+// GEMM's pack_a / pack_b) may write: buffers they fill are this much longer.
+inline constexpr int64_t kPackSlack = 8 * kNR + 8;
+
 // Packs rows [row0 + i0, row0 + i0 + n) x cols [k0, k0 + kc) of the weight into
 // panels of `width` rows: panel p holds [kc][width], rows past n are zero.
 void PackWeightPanels(const CodebookWeight& w, int64_t row0, int64_t i0, int64_t n, int64_t k0, int64_t kc,
