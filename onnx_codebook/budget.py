@@ -45,7 +45,7 @@ from .errors import ConfigError, DataError
 from .evaluation import check_labels, predict
 from .pipeline import ClusterCache, LayerPlan, compress_model, layer_clustering, plan_layer
 from .schema import GRANULARITIES
-from .select import Layer, constants_to_initializers, fold_batch_norms, select_layers
+from .select import Layer, constants_to_initializers, fold_batch_norms, select_layers, unlist_ir3_weight_inputs
 
 log = logging.getLogger(__name__)
 
@@ -359,11 +359,12 @@ def run_search(
         raise DataError("--metric top1 needs labels in the data; use --metric agreement for unlabelled data")
     config = config or CompressConfig()
     choices = default_choices(bits, granularities, group_size)
-    # Normalisations folded once, up front: every model the search builds and scores
-    # then has the weights compress_model will cluster.
+    # Normalisations folded (and an IR 3 model's weights unlisted from its inputs) once,
+    # up front: every model the search builds and scores then has the weights
+    # compress_model will cluster.
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    if fold_batch_norms(folded):
+    if unlist_ir3_weight_inputs(folded) + fold_batch_norms(folded):
         model = folded
 
     def tick(msg: str, frac: float) -> None:
@@ -390,7 +391,9 @@ def run_search(
     layers, skipped = select_layers(graph, config.ops, config.min_elements, {i.name for i in proto.graph.input})
     layers = [l for l in layers if l.graph is graph and l.weight not in config.exclude]
     if not layers:
-        raise ConfigError("no eligible layer to search over; try a lower --min-elements")
+        why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+        raise ConfigError("no eligible layer to search over" + (f" ({why}{'; ...' if len(skipped) > 3 else ''})" if why else "")
+                          + "; try a lower --min-elements")
     weights = {l.weight: np.asarray(l.constant.values) for l in layers}
 
     # ---- calibration statistics (bias correction, activation-aware clustering)

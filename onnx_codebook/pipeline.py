@@ -26,7 +26,7 @@ from .rewrite import NameScope, add_standard_decode, fold_epilogue, fusible, rep
 from .rewrite import fused as fused_rewrite
 from .rewrite.common import model_names
 from .schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY
-from .select import Layer, Skipped, constants_to_initializers, fold_batch_norms, select_layers
+from .select import Layer, Skipped, constants_to_initializers, fold_batch_norms, select_layers, unlist_ir3_weight_inputs
 
 # Opset that introduced Cast from each index container, and the IR version it needs.
 CONTAINER_OPSET = {2: 25, 4: 21, 8: 1}
@@ -212,6 +212,10 @@ def compress_model(
     notes: list[str] = []
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
+    unlisted = unlist_ir3_weight_inputs(proto)
+    if unlisted:
+        notes.append(f"IR version 3 model: its {unlisted} initializers, listed as graph inputs as that version "
+                     "requires, are treated as weights; the output (IR 4+) no longer lists them as inputs")
     constants_to_initializers(proto, config.ops)
     fold_batch_norms(proto)
     known_value_info = {v.name for v in proto.graph.value_info}

@@ -84,6 +84,27 @@ def constants_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> i
     return moved
 
 
+def unlist_ir3_weight_inputs(model: onnx.ModelProto) -> int:
+    """Drop the main graph's inputs that only list an initializer, in an IR version 3 model.
+
+    IR 3 requires every initializer to be listed among the graph inputs (exporters of the
+    opset 8 era wrote it), so there the listing does not mark a
+    weight as meant to be overridden at run time.  Without it the weights count as
+    constants; the model becomes IR 4, which allows initializers that are not inputs.
+    Works in place; returns how many inputs were dropped.
+    """
+    if model.ir_version >= 4:
+        return 0
+    inits = {t.name for t in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    dropped = len(model.graph.input) - len(keep)
+    if dropped:
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        model.ir_version = 4
+    return dropped
+
+
 def fold_batch_norms(model: onnx.ModelProto) -> int:
     """Fold an inference-mode ``BatchNormalization`` into the ``Conv`` / ``ConvTranspose``
     before it, as onnxruntime does for float models at session start, so that the
@@ -216,7 +237,8 @@ def select_layers(
             if key in bad:
                 continue
             if const.name in graph_inputs:
-                skipped.append(Skipped(const.name, node.op, "weight is also a graph input (can be overridden at run time)"))
+                skipped.append(Skipped(const.name, node.op, "weight is also a graph input (can be overridden at run time; "
+                                       "export without it there, e.g. keep_initializers_as_inputs=False, to compress it)"))
                 bad.add(key)
                 continue
             dtype = np.dtype(const.dtype) if const.dtype is not None else None

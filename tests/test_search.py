@@ -103,6 +103,20 @@ def test_relative_budget_and_agreement_metric_need_no_labels():
     assert rep["search"]["compressed"] >= 99.0 - 1e-9
 
 
+def test_ir3_model_with_weights_listed_as_inputs_is_searched():
+    # IR 3 lists every initializer as a graph input; those are still weights to search over
+    model = onnx.load(str(DIGITS))
+    old = onnx.ModelProto()
+    old.CopyFrom(model)
+    old.ir_version = 3
+    old.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                           for t in old.graph.initializer)
+    digits = oc.data.load_data("sklearn:digits", model)
+    result = oc.search(old, digits, max_drop=5.0, metric="agreement", bits=(4, 8), granularity="tensor")
+    assert result.report["layers"] and [i.name for i in result.model.graph.input] == [model.graph.input[0].name]
+    assert result.report["search"]["drop"] <= 5.0 + 1e-9
+
+
 def test_user_evaluator_drives_verification():
     model = onnx.load(str(DIGITS))
     digits = oc.data.load_data("sklearn:digits", model)

@@ -12,7 +12,8 @@ from onnx_codebook.config import CompressConfig
 from onnx_codebook.pipeline import compress_model
 from onnx_codebook.select import constants_to_initializers, select_layers
 
-from conftest import constant_node_model, conv_transpose_model, gemm_model, init, make_model, randn, small_cnn
+from conftest import (constant_node_model, conv_transpose_model, feeds_for, gemm_model, init, make_model, randn, run,
+                      small_cnn)
 
 OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -90,6 +91,34 @@ def test_weight_that_is_also_a_graph_input_is_skipped_and_kept_in_the_interface(
     out = compress_model(model, CompressConfig(min_elements=0))
     assert [i.name for i in out.model.graph.input] == ["A", "G"]
     onnx.checker.check_model(out.model, full_check=True)
+
+
+def ir3_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as IR version 3 writes it: every initializer also listed as a graph input."""
+    old = onnx.ModelProto()
+    old.CopyFrom(model)
+    old.ir_version = 3
+    listed = {i.name for i in old.graph.input}
+    old.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                           for t in old.graph.initializer if t.name not in listed)
+    onnx.checker.check_model(old, full_check=True)
+    return old
+
+
+def test_ir3_weights_listed_as_inputs_are_compressed_like_unlisted_ones(rng):
+    # IR 3 requires the listing, so it does not mark the weights as overridable
+    model = small_cnn(rng, opset=8)
+    old = ir3_model(model)
+    assert select(old)[0] == [] and "graph input" in select(old)[1][0].reason  # what select alone sees
+    config = CompressConfig(min_elements=0)
+    out, ref = compress_model(old, config), compress_model(model, config)
+    assert [l.name for l in out.layers] == [l.name for l in ref.layers] == ["conv1.weight", "conv2.weight", "fc.weight"]
+    assert [i.name for i in out.model.graph.input] == ["X"] and out.model.ir_version >= 4
+    assert any("IR version 3" in n for n in out.warnings)
+    onnx.checker.check_model(out.model, full_check=True)
+    feeds = feeds_for(model, rng)
+    np.testing.assert_array_equal(run(out.model, feeds)[0], run(ref.model, feeds)[0])
+    assert [i.name for i in old.graph.input][0] == "X" and len(old.graph.input) == 7  # input untouched
 
 
 def test_non_float_weight_is_skipped(rng):
