@@ -88,10 +88,10 @@ def unlist_ir3_weight_inputs(model: onnx.ModelProto) -> int:
     """Drop the main graph's inputs that only list an initializer, in an IR version 3 model.
 
     IR 3 requires every initializer to be listed among the graph inputs (exporters of the
-    opset 8 era wrote it), so there the listing does not mark a
-    weight as meant to be overridden at run time.  Without it the weights count as
-    constants; the model becomes IR 4, which allows initializers that are not inputs.
-    Works in place; returns how many inputs were dropped.
+    opset 8 era wrote it), so there the listing does not mark a weight as meant to be
+    overridden at run time.  Without it the weights count as constants; the model becomes
+    IR 4, which allows initializers that are not inputs.  Works in place; returns how many
+    inputs were dropped.
     """
     if model.ir_version >= 4:
         return 0
