@@ -26,7 +26,8 @@ from .rewrite import NameScope, add_standard_decode, fold_epilogue, fusible, rep
 from .rewrite import fused as fused_rewrite
 from .rewrite.common import model_names
 from .schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY
-from .select import Layer, Skipped, constants_to_initializers, fold_batch_norms, select_layers, unlist_ir3_weight_inputs
+from .select import (Layer, Skipped, constants_to_initializers, fold_batch_norms, select_layers, skip_reasons,
+                     unlist_ir3_weight_inputs)
 
 # Opset that introduced Cast from each index container, and the IR version it needs.
 CONTAINER_OPSET = {2: 25, 4: 21, 8: 1}
@@ -228,10 +229,9 @@ def compress_model(
     graph = gs.import_onnx(proto)
     layers, skipped = select_layers(graph, config.ops, config.min_elements, _input_names(proto))
     if not layers:
-        why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
         raise NoEligibleLayerError(
             f"no eligible {'/'.join(config.ops)} weight with >= {config.min_elements} elements"
-            + (f" ({why}{'; ...' if len(skipped) > 3 else ''})" if why else "")
+            + skip_reasons(skipped)
             + "; try a lower --min-elements or other --ops"
         )
 

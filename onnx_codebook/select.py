@@ -47,6 +47,14 @@ class Skipped:
     reason: str
 
 
+def skip_reasons(skipped: list[Skipped], shown: int = 3) -> str:
+    """The first ``shown`` skipped weights as ``" (name: reason; ...)"``, for an error message ("" if none)."""
+    if not skipped:
+        return ""
+    why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:shown])
+    return f" ({why}{'; ...' if len(skipped) > shown else ''})"
+
+
 def constants_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> int:
     """Turn float ``Constant`` nodes that feed an eligible weight input into initializers.
 
