@@ -72,7 +72,9 @@ def tensor_info(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
-def compare(fused_nodes, plain_nodes, feeds, fused_inits, plain_inits, threads=1, runs=1):
+def compare(fused_nodes, plain_nodes, feeds, fused_inits, plain_inits, threads=1, runs=1, scale=None):
+    """The fused model's output equals the plain one's to RTOL, relative to `scale` (default:
+    the largest output)."""
     inputs = [tensor_info(n, v.shape) for n, v in feeds.items()]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
     fused = make_model(fused_nodes, inputs, outputs, fused_inits, fused=True)
@@ -80,7 +82,7 @@ def compare(fused_nodes, plain_nodes, feeds, fused_inits, plain_inits, threads=1
     got = run(fused, feeds, threads, runs)
     want = run(plain, feeds, threads)
     assert got.shape == want.shape
-    scale = max(float(np.abs(want).max(initial=0.0)), 1e-6)
+    scale = max(float(np.abs(want).max(initial=0.0)) if scale is None else scale, 1e-6)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * scale)
 
 
@@ -165,11 +167,13 @@ def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, ke
     extra = [numpy_helper.from_array(b, "b")] if bias else []
     plain_inits = [numpy_helper.from_array(weight, "W")] + extra
     feeds = {"x": x}
-    if residual:  # Z has the output's shape: take it from the plain Conv
-        y_shape = run(make_model([plain], [tensor_info("x", x.shape)],
-                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], plain_inits,
-                                 fused=False), feeds).shape
-        feeds["z"] = rng.standard_normal(y_shape).astype(np.float32)
+    # The plain Conv's output: Z has its shape, and its largest value is the scale of the
+    # float error, which a Clip to a narrow window does not shrink.
+    y_plain = run(make_model([plain], [tensor_info("x", x.shape)],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], plain_inits,
+                             fused=False), feeds)
+    if residual:
+        feeds["z"] = rng.standard_normal(y_plain.shape).astype(np.float32)
     plain_nodes, clip_inits = plain_epilogue(plain, activation, bounds, residual)
     compare(
         [fused],
@@ -179,6 +183,7 @@ def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, ke
         plain_inits + clip_inits,
         threads,
         runs,
+        scale=float(np.abs(y_plain).max(initial=0.0)) if activation == "Clip" else None,
     )
 
 
@@ -356,6 +361,36 @@ def padded_tap_case(size, kernel, stride, dilation, pads, batch, threads=1):
     conv_case(np.random.default_rng(batch + sum(pads)), spatial=len(size), batch=batch, cin=40, cout=40, group=1,
               kernel=kernel, stride=stride, dilation=dilation, pads=pads, auto_pad="NOTSET", bits=4, group_size=1,
               bias=True, activation="Relu", residual=True, threads=threads, size=size)
+
+
+WINOGRAD_CASES = [
+    # size, pads (or auto_pad), batch, cin, cout: dense 3x3 convolutions with stride 1, at
+    # least 8 output tiles of 2x2, 16 input and 24 output channels run as Winograd F(2x2, 3x3)
+    # with AVX-512
+    ([8, 8], [1, 1, 1, 1], 1, 32, 128),  # 16 tiles; on 2 threads each transforms the input itself
+    ([7, 9], [0, 2, 1, 0], 2, 17, 40),  # odd output sizes, uneven pads, 17 channels, a partial block of 32
+    ([4, 4], [1, 1, 1, 1], 2, 40, 20),  # 8 tiles over two images
+    ([6, 6], [2, 2, 2, 2], 3, 48, 64),  # border tiles wholly in the padding
+    ([21, 19], "SAME_LOWER", 1, 16, 40),  # 110 tiles: several chunks of tile rows
+    ([5, 150], [1, 1, 1, 1], 1, 24, 24),  # 75 tiles per tile row: a chunk wider than 64 tiles
+    ([60, 60], [1, 1, 1, 1], 3, 64, 24),  # transformed in bands of 34 tile rows (4 MB), across images
+]
+
+
+def winograd_case(size, pads, batch, cin, cout, threads=1):
+    rng = np.random.default_rng(cin + cout + batch)
+    auto_pad = pads if isinstance(pads, str) else "NOTSET"
+    conv_case(rng, batch=batch, cin=cin, cout=cout, group=1, kernel=[3, 3], stride=[1, 1], dilation=[1, 1],
+              pads=None if isinstance(pads, str) else pads, auto_pad=auto_pad, bits=int(rng.integers(1, 9)),
+              group_size=int(rng.choice([1, 2, cout])), bias=True, activation=["Relu", "Clip"][cin % 2],
+              residual=True, threads=threads, size=size, runs=2)
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_winograd(case, threads):
+    # test_fallback_kernels_in_subprocess runs the same cases with Winograd off.
+    winograd_case(*case, threads=threads)
 
 
 @pytest.mark.parametrize("case", PADDED_TAP_CASES)
@@ -899,12 +934,13 @@ def test_session_helper_registers_library():
 @pytest.mark.parametrize(
     "kernels",
     ["ONNX_CODEBOOK_PORTABLE", "ONNX_CODEBOOK_NO_AVX512", "ONNX_CODEBOOK_PIXEL_GEMM", "ONNX_CODEBOOK_NO_VBMI",
-     "ONNX_CODEBOOK_PIXEL_TILES=rows", "ONNX_CODEBOOK_PIXEL_TILES=images"],
+     "ONNX_CODEBOOK_PIXEL_TILES=rows", "ONNX_CODEBOOK_PIXEL_TILES=images", "ONNX_CODEBOOK_WINOGRAD=0"],
 )
 def test_fallback_kernels_in_subprocess(kernels):
     """The portable and the AVX2-only kernels (transposed convolutions included), the
-    pixel-major convolution for every geometry, the PDEP index decoding where the CPU has VBMI, and each tiling of the
-    pixel-major convolution (forced by environment variables), give the same results."""
+    pixel-major convolution for every geometry, the PDEP index decoding where the CPU has VBMI, each tiling of the
+    pixel-major convolution, and the direct paths where Winograd would run (forced by environment variables), give
+    the same results."""
     import subprocess
     import sys
 
@@ -933,6 +969,8 @@ def test_fallback_kernels_in_subprocess(kernels):
         "            activation='Relu', residual=True, threads=2)\n"
         "for case in t.PADDED_TAP_CASES:\n"
         "    t.padded_tap_case(*case, threads=2)\n"
+        "for case in t.WINOGRAD_CASES[:-1]:\n"
+        "    t.winograd_case(*case, threads=2)\n"
     )
     env = dict(os.environ, ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()))
     name, _, value = kernels.partition("=")

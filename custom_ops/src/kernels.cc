@@ -76,6 +76,8 @@ const bool g_vbmi = DetectVbmi();
 // every one it can take there (for testing both); read once, like the flags above.
 const bool g_pixel_gemm = g_avx512 && !EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "0");
 const bool g_force_pixel_gemm = g_pixel_gemm && EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "1");
+// Winograd F(2x2, 3x3) convolutions: AVX-512 and not ONNX_CODEBOOK_WINOGRAD=0.
+const bool g_winograd = g_avx512 && !EnvIs("ONNX_CODEBOOK_WINOGRAD", "0");
 
 // ---------------------------------------------------------------- portable code
 
@@ -1312,6 +1314,165 @@ AVX512_TARGET void StorePixelBlock(const PixelGemmSpec& s, const float* acc, int
 }
 #pragma GCC diagnostic pop
 
+
+// ---------------------------------------------- Winograd F(2x2, 3x3) (AVX-512)
+//
+// Y = A^T [ (G g G^T) . (B^T d B) ] A on 4x4 input tiles d giving 2x2 output tiles: per
+// tile and channel pair 16 multiplies instead of 36.  With G' = 2G on its two middle
+// rows the weight transform U' = G' g G'^T is adds only; U' = s_i s_j U (s = 1, 2, 2, 1),
+// so the input transform divides by s_i s_j instead.
+
+// The 16 transformed weights of 32 output channels (lanes) for `cc` input channels:
+// raw[(c * 9 + tap) * 32 + lane] -> u[(c * 16 + xi) * 32 + lane].
+AVX512_TARGET void WinogradWeights(const float* raw, int64_t cc, float* u) {
+  for (int64_t c = 0; c < cc; ++c) {
+    for (int64_t h = 0; h < 32; h += 16) {
+      __m512 g[3][3], r[4][3];
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) g[t / 3][t % 3] = _mm512_loadu_ps(raw + (c * 9 + t) * 32 + h);
+#pragma GCC unroll 3
+      for (int j = 0; j < 3; ++j) {
+        const __m512 s = _mm512_add_ps(g[0][j], g[2][j]);
+        r[0][j] = g[0][j];
+        r[1][j] = _mm512_add_ps(s, g[1][j]);
+        r[2][j] = _mm512_sub_ps(s, g[1][j]);
+        r[3][j] = g[2][j];
+      }
+      float* out = u + c * 16 * 32 + h;
+      constexpr int64_t step = 32;
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m512 s = _mm512_add_ps(r[i][0], r[i][2]);
+        _mm512_storeu_ps(out + (i * 4 + 0) * step, r[i][0]);
+        _mm512_storeu_ps(out + (i * 4 + 1) * step, _mm512_add_ps(s, r[i][1]));
+        _mm512_storeu_ps(out + (i * 4 + 2) * step, _mm512_sub_ps(s, r[i][1]));
+        _mm512_storeu_ps(out + (i * 4 + 3) * step, r[i][2]);
+      }
+    }
+  }
+}
+
+// Two transforms xi, xi + 1 of 32 output channels x RT tiles, over cc input channels:
+// acc[(t * 16 + x) * 32 + lane] (+)= sum_c u[(c * 16 + x) * 32 + lane] *
+// v[x * v_xi + c * v_c + t].
+template <int RT>
+AVX512_TARGET void WinogradKernel(int64_t cc, const float* u, const float* v, int64_t v_xi, int64_t v_c, float* acc,
+                                  bool first) {
+  __m512 a[2][RT][2];
+#pragma GCC unroll 16
+  for (int q = 0; q < 4 * RT; ++q) {
+    const int x = q / (2 * RT), t = q / 2 % RT, h = q % 2;
+    a[x][t][h] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (t * 16 + x) * 32 + h * 16);
+  }
+  const float* v1 = v + v_xi;
+  for (int64_t c = 0; c < cc; ++c) {
+    const float* uc = u + c * 16 * 32;
+    const __m512 u00 = _mm512_loadu_ps(uc), u01 = _mm512_loadu_ps(uc + 16);
+    const __m512 u10 = _mm512_loadu_ps(uc + 32), u11 = _mm512_loadu_ps(uc + 48);
+#pragma GCC unroll 4
+    for (int t = 0; t < RT; ++t) {
+      const __m512 b0 = _mm512_set1_ps(v[c * v_c + t]), b1 = _mm512_set1_ps(v1[c * v_c + t]);
+      a[0][t][0] = _mm512_fmadd_ps(u00, b0, a[0][t][0]);
+      a[0][t][1] = _mm512_fmadd_ps(u01, b0, a[0][t][1]);
+      a[1][t][0] = _mm512_fmadd_ps(u10, b1, a[1][t][0]);
+      a[1][t][1] = _mm512_fmadd_ps(u11, b1, a[1][t][1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < 4 * RT; ++q) {
+    const int x = q / (2 * RT), t = q / 2 % RT, h = q % 2;
+    _mm512_storeu_ps(acc + (t * 16 + x) * 32 + h * 16, a[x][t][h]);
+  }
+}
+
+AVX512_TARGET void WinogradKernelAny(int64_t rt, int64_t cc, const float* u, const float* v, int64_t v_xi,
+                                     int64_t v_c, float* acc, bool first) {
+  switch (rt) {
+    case 1: return WinogradKernel<1>(cc, u, v, v_xi, v_c, acc, first);
+    case 2: return WinogradKernel<2>(cc, u, v, v_xi, v_c, acc, first);
+    case 3: return WinogradKernel<3>(cc, u, v, v_xi, v_c, acc, first);
+    default: return WinogradKernel<4>(cc, u, v, v_xi, v_c, acc, first);
+  }
+}
+
+// The input transform of channels [c0, c1) for tile rows [r0, r1) (of the whole batch,
+// image after image): v[(xi * channels + c) * tiles + t] with tiles = (r1 - r0) *
+// tile_cols; tile t = (r - r0) * tile_cols + j reads input rows 2i - pad_top .. + 3 of
+// image n (r = n * tile_rows + i) and columns 2j - pad_left .. + 3 (zero outside the
+// image), scaled by 1 / (s_a s_b).  Up to 7 tiles of a tile row at a time: their 16
+// input columns are the lanes.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12, inside _mm512_permutexvar_ps
+AVX512_TARGET void WinogradInput(const WinogradSpec& s, int64_t c0, int64_t c1, int64_t r0, int64_t r1, float* v) {
+  const int64_t rows = (s.out_h + 1) / 2, cols = (s.out_w + 1) / 2, tiles = (r1 - r0) * cols;
+  const int64_t plane = s.height * s.width, xi_stride = s.channels * tiles;
+  // lane j of permute b picks input column 2j + b of the chunk
+  __m512i pick[4];
+  for (int b = 0; b < 4; ++b) {
+    alignas(64) int32_t idx[16];
+    for (int j = 0; j < 16; ++j) idx[j] = std::min(15, 2 * j + b);
+    pick[b] = _mm512_load_si512(idx);
+  }
+  const __m512 half = _mm512_set1_ps(.5f), quarter = _mm512_set1_ps(.25f);
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / rows, i = r % rows;
+      const float* src = s.x + (n * s.channels + c) * plane;
+      {
+        for (int64_t j0 = 0; j0 < cols; j0 += 7) {
+          const int64_t count = std::min<int64_t>(7, cols - j0), q0 = 2 * j0 - s.pad_left;
+          uint32_t inside = 0;  // lanes l with 0 <= q0 + l < width
+          for (int64_t l = 0; l < 16; ++l) inside |= (q0 + l >= 0 && q0 + l < s.width ? 1u : 0u) << l;
+          __m512 d[4];
+          for (int64_t a = 0; a < 4; ++a) {
+            const int64_t r = 2 * i - s.pad_top + a;
+            d[a] = r >= 0 && r < s.height
+                       ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(inside), src + r * s.width + q0)
+                       : _mm512_setzero_ps();
+          }
+          const __m512 e[4] = {_mm512_sub_ps(d[0], d[2]), _mm512_add_ps(d[1], d[2]), _mm512_sub_ps(d[2], d[1]),
+                               _mm512_sub_ps(d[1], d[3])};
+          const __mmask16 store = static_cast<__mmask16>((1u << count) - 1u);
+          float* out = v + c * tiles + (r - r0) * cols + j0;
+          for (int a = 0; a < 4; ++a) {
+            const __m512 p0 = _mm512_permutexvar_ps(pick[0], e[a]), p1 = _mm512_permutexvar_ps(pick[1], e[a]);
+            const __m512 p2 = _mm512_permutexvar_ps(pick[2], e[a]), p3 = _mm512_permutexvar_ps(pick[3], e[a]);
+            // scale 1 / (s_a s_b), s = 1, 2, 2, 1
+            const bool inner_a = a == 1 || a == 2;
+            const __m512 outer = inner_a ? half : _mm512_set1_ps(1.f), inner = inner_a ? quarter : half;
+            _mm512_mask_storeu_ps(out + (a * 4 + 0) * xi_stride, store, _mm512_mul_ps(_mm512_sub_ps(p0, p2), outer));
+            _mm512_mask_storeu_ps(out + (a * 4 + 1) * xi_stride, store, _mm512_mul_ps(_mm512_add_ps(p1, p2), inner));
+            _mm512_mask_storeu_ps(out + (a * 4 + 2) * xi_stride, store, _mm512_mul_ps(_mm512_sub_ps(p2, p1), inner));
+            _mm512_mask_storeu_ps(out + (a * 4 + 3) * xi_stride, store, _mm512_mul_ps(_mm512_sub_ps(p1, p3), outer));
+          }
+        }
+      }
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
+// Output transform of one tile, 32 channels: m[xi * 32 + lane] -> the 2x2 outputs
+// o[(a * 2 + b) * 32 + lane].
+AVX512_TARGET void WinogradOutput(const float* m, float* o) {
+  for (int64_t h = 0; h < 32; h += 16) {
+    __m512 r[2][4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512 m0 = _mm512_loadu_ps(m + (0 + j) * 32 + h), m1 = _mm512_loadu_ps(m + (4 + j) * 32 + h);
+      const __m512 m2 = _mm512_loadu_ps(m + (8 + j) * 32 + h), m3 = _mm512_loadu_ps(m + (12 + j) * 32 + h);
+      r[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+      r[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+    }
+#pragma GCC unroll 2
+    for (int a = 0; a < 2; ++a) {
+      _mm512_storeu_ps(o + (a * 2 + 0) * 32 + h, _mm512_add_ps(_mm512_add_ps(r[a][0], r[a][1]), r[a][2]));
+      _mm512_storeu_ps(o + (a * 2 + 1) * 32 + h, _mm512_sub_ps(_mm512_sub_ps(r[a][1], r[a][2]), r[a][3]));
+    }
+  }
+}
+
 #endif  // ONNX_CODEBOOK_X86
 
 void MicroKernel(int64_t kc, const float* a, const float* b, int64_t ldb, float* tile) {
@@ -1824,6 +1985,100 @@ void RunLaneGemm(const PixelGemmSpec& s, int64_t columns, const OrtKernelContext
 #else
   (void)s, (void)columns, (void)ctx;
   throw std::logic_error("RunLaneGemm needs AVX-512");
+#endif
+}
+
+bool HasWinograd() { return g_winograd; }
+
+// Floats of transformed input RunWinogradConv holds at a time (4 MB).
+constexpr int64_t kWinogradInputFloats = int64_t{1} << 20;
+
+void RunWinogradConv(const WinogradSpec& s, const OrtKernelContext* ctx) {
+#if ONNX_CODEBOOK_X86
+  if (!g_avx512) throw std::logic_error("RunWinogradConv needs AVX-512");
+  const int64_t rows = (s.out_h + 1) / 2, cols = (s.out_w + 1) / 2;
+  const int64_t C = s.channels, M = s.out.M, P = s.out_h * s.out_w;
+  if (M <= 0 || s.batch * rows * cols <= 0) return;
+  // Input channels per decoded and transformed weight chunk (its 32 KB stay in L1), and
+  // tiles per task (their sums, 2 KB each, in L2).  Measured on 1 thread: 8 or 32
+  // channels, 32 tiles, slower (256->256 on 14x14: 1.28 ms at 16 / 64, 1.45-1.54
+  // otherwise); 128 tiles no faster.
+  constexpr int64_t kChannels = 16, kTiles = 64;
+  const int64_t blocks = (M + 31) / 32;
+  const int64_t tile_rows = s.batch * rows, chunk_rows = std::max<int64_t>(1, kTiles / cols);
+  // The transformed input (4x the input's floats) is made for bands of whole chunks of
+  // tile rows, band after band, each of at most kWinogradInputFloats unless one chunk is
+  // more.
+  const int64_t band_rows = std::max(chunk_rows, kWinogradInputFloats / (16 * C * cols) / chunk_rows * chunk_rows);
+  auto first_column = [&](int64_t r) { return r / rows * P + std::min(s.out_h, 2 * (r % rows)) * s.out_w; };
+  // One task: the tile rows [r0, r1) of a band starting at tile row `band` (v: its
+  // transformed input) for the output channels of `block`.  A task's outputs are a
+  // contiguous run of columns.
+  auto run = [&](int64_t band, int64_t r0, int64_t r1, int64_t block, const float* v) {
+    thread_local std::vector<float> raw_buf, u_buf, acc_buf, out_buf;
+    const int64_t co0 = block * 32, live = std::min<int64_t>(32, M - co0);
+    const int64_t band_tiles = (std::min(tile_rows, band + band_rows) - band) * cols;
+    const int64_t t0 = (r0 - band) * cols, nt = (r1 - r0) * cols;
+    const int64_t col0 = first_column(r0), col1 = first_column(r1);
+    float* raw = Scratch(raw_buf, static_cast<size_t>(kChannels * 9 * 32 + kPackSlack));
+    float* u = Scratch(u_buf, static_cast<size_t>(16 * kChannels * 32));
+    float* acc = Scratch(acc_buf, static_cast<size_t>(nt * 16 * 32));    // [tile][xi][32]
+    float* out = Scratch(out_buf, static_cast<size_t>((col1 - col0) * 32));  // [column][32]
+    for (int64_t c0 = 0; c0 < C; c0 += kChannels) {
+      const int64_t cc = std::min(kChannels, C - c0);
+      PackWeightPanels(*s.out.w, s.out.row0 + co0, 0, live, c0 * 9, cc * 9, 32, raw);
+      WinogradWeights(raw, cc, u);
+      for (int64_t xi = 0; xi < 16; xi += 2) {
+        for (int64_t t = 0; t < nt; t += 4) {
+          WinogradKernelAny(std::min<int64_t>(4, nt - t), cc, u + xi * 32, v + (xi * C + c0) * band_tiles + t0 + t,
+                            C * band_tiles, band_tiles, acc + (t * 16 + xi) * 32, c0 == 0);
+        }
+      }
+    }
+    alignas(64) float o[4 * 32];
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t r = r0 + t / cols, n = r / rows, i = r % rows, j = t % cols;
+      WinogradOutput(acc + t * 16 * 32, o);
+      for (int64_t a = 0; a < 2 && 2 * i + a < s.out_h; ++a) {
+        for (int64_t b = 0; b < 2 && 2 * j + b < s.out_w; ++b) {
+          const int64_t col = n * P + (2 * i + a) * s.out_w + 2 * j + b;
+          std::memcpy(out + (col - col0) * 32, o + (a * 2 + b) * 32, 32 * sizeof(float));
+        }
+      }
+    }
+    StorePixelBlock(s.out, out, co0, live, col0, col1);
+  };
+  for (int64_t band = 0; band < tile_rows; band += band_rows) {
+    const int64_t band_end = std::min(tile_rows, band + band_rows);
+    const int64_t chunks = (band_end - band + chunk_rows - 1) / chunk_rows, tasks = chunks * blocks;
+    const int64_t v_size = 16 * C * (band_end - band) * cols;
+    auto task = [&](int64_t t, const float* v) {
+      const int64_t r0 = band + t / blocks * chunk_rows;
+      run(band, r0, std::min(band_end, r0 + chunk_rows), t % blocks, v);
+    };
+    if (s.threads >= 2 && tasks >= 2 && v_size <= 16384) {
+      // A small input on a pool of 2+ threads: each thread transforms it itself and runs
+      // its share of the tasks, so that no thread reads what another wrote.
+      const int64_t parts = std::min(s.threads, tasks);
+      ParallelFor(ctx, parts, [&](int64_t part) {
+        thread_local std::vector<float> own;
+        float* v = Scratch(own, static_cast<size_t>(v_size));
+        WinogradInput(s, 0, C, band, band_end, v);
+        for (int64_t t = tasks * part / parts; t < tasks * (part + 1) / parts; ++t) task(t, v);
+      });
+      continue;
+    }
+    CallBuffer v_buf(ctx, static_cast<size_t>(v_size));
+    float* v = v_buf.data();
+    const int64_t parts = std::min<int64_t>(C, v_size <= 16384 ? 1 : 4 * PoolWorkers());
+    ParallelFor(parts == 1 ? nullptr : ctx, parts, [&](int64_t part) {
+      WinogradInput(s, C * part / parts, C * (part + 1) / parts, band, band_end, v);
+    });
+    ParallelFor(ctx, tasks, [&](int64_t t) { task(t, v); });
+  }
+#else
+  (void)s, (void)ctx;
+  throw std::logic_error("RunWinogradConv needs AVX-512");
 #endif
 }
 
