@@ -1990,8 +1990,9 @@ void RunLaneGemm(const PixelGemmSpec& s, int64_t columns, const OrtKernelContext
 
 bool HasWinograd() { return g_winograd; }
 
-// Floats of transformed input RunWinogradConv holds at a time (4 MB).
-constexpr int64_t kWinogradInputFloats = int64_t{1} << 20;
+// Floats of transformed input RunWinogradConv holds at a time (4 MB), and up to which
+// every thread of a pool makes its own copy (1 MB, about L2).
+constexpr int64_t kWinogradInputFloats = int64_t{1} << 20, kWinogradOwnInputFloats = int64_t{1} << 18;
 
 void RunWinogradConv(const WinogradSpec& s, const OrtKernelContext* ctx) {
 #if ONNX_CODEBOOK_X86
@@ -2014,10 +2015,10 @@ void RunWinogradConv(const WinogradSpec& s, const OrtKernelContext* ctx) {
   // One task: the tile rows [r0, r1) of a band starting at tile row `band` (v: its
   // transformed input) for the output channels of `block`.  A task's outputs are a
   // contiguous run of columns.
-  auto run = [&](int64_t band, int64_t r0, int64_t r1, int64_t block, const float* v) {
+  auto run = [&](int64_t band, int64_t band_end, int64_t r0, int64_t r1, int64_t block, const float* v) {
     thread_local std::vector<float> raw_buf, u_buf, acc_buf, out_buf;
     const int64_t co0 = block * 32, live = std::min<int64_t>(32, M - co0);
-    const int64_t band_tiles = (std::min(tile_rows, band + band_rows) - band) * cols;
+    const int64_t band_tiles = (band_end - band) * cols;
     const int64_t t0 = (r0 - band) * cols, nt = (r1 - r0) * cols;
     const int64_t col0 = first_column(r0), col1 = first_column(r1);
     float* raw = Scratch(raw_buf, static_cast<size_t>(kChannels * 9 * 32 + kPackSlack));
@@ -2048,34 +2049,52 @@ void RunWinogradConv(const WinogradSpec& s, const OrtKernelContext* ctx) {
     }
     StorePixelBlock(s.out, out, co0, live, col0, col1);
   };
-  for (int64_t band = 0; band < tile_rows; band += band_rows) {
-    const int64_t band_end = std::min(tile_rows, band + band_rows);
-    const int64_t chunks = (band_end - band + chunk_rows - 1) / chunk_rows, tasks = chunks * blocks;
-    const int64_t v_size = 16 * C * (band_end - band) * cols;
-    auto task = [&](int64_t t, const float* v) {
-      const int64_t r0 = band + t / blocks * chunk_rows;
-      run(band, r0, std::min(band_end, r0 + chunk_rows), t % blocks, v);
-    };
-    if (s.threads >= 2 && tasks >= 2 && v_size <= 16384) {
-      // A small input on a pool of 2+ threads: each thread transforms it itself and runs
-      // its share of the tasks, so that no thread reads what another wrote.
-      const int64_t parts = std::min(s.threads, tasks);
-      ParallelFor(ctx, parts, [&](int64_t part) {
-        thread_local std::vector<float> own;
-        float* v = Scratch(own, static_cast<size_t>(v_size));
-        WinogradInput(s, 0, C, band, band_end, v);
-        for (int64_t t = tasks * part / parts; t < tasks * (part + 1) / parts; ++t) task(t, v);
+  // Tile rows [first, last) band by band, on the pool (or, with ctx null, on this
+  // thread alone).
+  auto run_rows = [&](int64_t first, int64_t last, const OrtKernelContext* pool) {
+    for (int64_t band = first; band < last; band += band_rows) {
+      const int64_t band_end = std::min(last, band + band_rows);
+      const int64_t chunks = (band_end - band + chunk_rows - 1) / chunk_rows, tasks = chunks * blocks;
+      const int64_t v_size = 16 * C * (band_end - band) * cols;
+      auto task = [&](int64_t t, const float* v) {
+        const int64_t r0 = band + t / blocks * chunk_rows;
+        run(band, band_end, r0, std::min(band_end, r0 + chunk_rows), t % blocks, v);
+      };
+      // (On a pool whose size is not known yet, the shared path's loop over the tasks
+      // finds it out.)
+      const int64_t parts = pool ? std::min(s.threads, tasks) : 1;
+      if (pool == nullptr || (s.threads >= 2 && v_size <= kWinogradOwnInputFloats)) {
+        // Alone, or a small input on a pool of 2+ threads: each thread transforms it
+        // itself and runs its share of the tasks, so that no thread reads what another
+        // wrote.
+        ParallelFor(parts == 1 ? nullptr : pool, parts, [&](int64_t part) {
+          thread_local std::vector<float> own;
+          float* v = Scratch(own, static_cast<size_t>(v_size));
+          WinogradInput(s, 0, C, band, band_end, v);
+          for (int64_t t = tasks * part / parts; t < tasks * (part + 1) / parts; ++t) task(t, v);
+        });
+        continue;
+      }
+      CallBuffer v_buf(pool, static_cast<size_t>(v_size));
+      float* v = v_buf.data();
+      const int64_t pieces = std::min<int64_t>(C, 4 * PoolWorkers());
+      ParallelFor(pool, pieces, [&](int64_t piece) {
+        WinogradInput(s, C * piece / pieces, C * (piece + 1) / pieces, band, band_end, v);
       });
-      continue;
+      ParallelFor(pool, tasks, [&](int64_t t) { task(t, v); });
     }
-    CallBuffer v_buf(ctx, static_cast<size_t>(v_size));
-    float* v = v_buf.data();
-    const int64_t parts = std::min<int64_t>(C, v_size <= 16384 ? 1 : 4 * PoolWorkers());
-    ParallelFor(parts == 1 ? nullptr : ctx, parts, [&](int64_t part) {
-      WinogradInput(s, C * part / parts, C * (part + 1) / parts, band, band_end, v);
+  };
+  if (s.threads >= 2 && tile_rows * cols >= s.threads * kTiles && tile_rows >= s.threads) {
+    // Enough tiles for a chunk per thread: each thread takes a share of the tile rows,
+    // transforms their input and runs them for all output channels, reading only what
+    // it wrote (the same share in every call where it can).
+    ParallelParts(ctx, s.threads, [&](int64_t part) {
+      InlineParallelFor inline_here;
+      run_rows(tile_rows * part / s.threads, tile_rows * (part + 1) / s.threads, nullptr);
     });
-    ParallelFor(ctx, tasks, [&](int64_t t) { task(t, v); });
+    return;
   }
+  run_rows(0, tile_rows, ctx);
 #else
   (void)s, (void)ctx;
   throw std::logic_error("RunWinogradConv needs AVX-512");
