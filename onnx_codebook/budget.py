@@ -727,12 +727,12 @@ def run_search(
             "group_size": opt.plan.group_size if opt.plan else None,
             "codebook_entries": (math.ceil(opt.plan.channels / opt.plan.group_size) * (1 << opt.plan.settings.bits)
                                  if opt.plan else 0),
-            "bytes_fp32": st.layer.size * 4, "bytes_stored": opt.bytes,
+            "bytes_fp32": st.layer.size * 4, "bytes_original": st.layer.nbytes, "bytes_stored": opt.bytes,
             "sensitivity": {o.choice.label(): o.noise for o in measured},
             "predicted_noise": opt.noise,
             "bias_corrected": st.layer.consumers[0].name in bias_updates,
         })
-    bytes_before = sum(r["bytes_fp32"] for r in layers_report)
+    bytes_before = sum(r["bytes_original"] for r in layers_report)
     bytes_after = sum(r["bytes_stored"] for r in layers_report)
     drop_search = base_s - comp_s
     limit = max_drop if drop_type == "absolute" else base_s * max_drop / 100

@@ -105,18 +105,20 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def _layer_table(title: str, rows: list[dict]) -> Table:
+def _layer_table(title: str, rows: list[dict], before: str = "original") -> Table:
+    """Per-layer table; ``before``: the size column the ratio divides, "original" (the
+    weight as the input model stored it) or "fp32"."""
     t = Table(title=title, title_justify="left")
     for col, just in (("layer", "left"), ("op", "left"), ("shape", "left"), ("bits", "right"),
-                      ("granularity", "left"), ("codebook", "right"), ("fp32", "right"), ("stored", "right"),
+                      ("granularity", "left"), ("codebook", "right"), (before, "right"), ("stored", "right"),
                       ("ratio", "right"), ("SQNR dB", "right")):
         t.add_column(col, justify=just, overflow="fold", no_wrap=col != "layer")
     for r in rows:
         sq = r.get("sqnr_db")
         t.add_row(
             str(r["name"]), r["op"], "x".join(map(str, r["shape"])), str(r["bits"]), r["granularity"],
-            str(r["codebook_entries"]), _fmt_bytes(r["bytes_fp32"]), _fmt_bytes(r["bytes_stored"]),
-            f"{r['bytes_fp32'] / max(r['bytes_stored'], 1):.1f}x",
+            str(r["codebook_entries"]), _fmt_bytes(r[f"bytes_{before}"]), _fmt_bytes(r["bytes_stored"]),
+            f"{r[f'bytes_{before}'] / max(r['bytes_stored'], 1):.1f}x",
             "-" if sq is None else ("inf" if math.isinf(sq) else f"{sq:.1f}"),
         )
     return t
@@ -245,7 +247,7 @@ def inspect(model: ModelArg, as_json: JsonOpt = False):
         if as_json:
             print(json.dumps(info, indent=2, default=_json_default))
             return
-        out.print(_layer_table(str(model), info["layers"]))
+        out.print(_layer_table(str(model), info["layers"], before="fp32"))
         out.print(
             f"{info['compressed_layers']} compressed layers; weights {_fmt_bytes(info['weight_bytes_fp32'])} fp32 -> "
             f"{_fmt_bytes(info['weight_bytes_stored'])} stored ([bold]{info['compression_ratio']:.2f}x[/]); "

@@ -59,15 +59,17 @@ def footprint(
 
 
 def effective_group_size(
-    size: int, channels: int, settings: LayerSettings, *, fmt: str, codebook_itemsize: int = 4
+    size: int, channels: int, settings: LayerSettings, *, fmt: str, codebook_itemsize: int = 4,
+    weight_itemsize: int = 4,
 ) -> tuple[int, str]:
-    """Group size to use, coarsened until the codebook costs less than indexing saves.
+    """Group size to use, coarsened until the codebook costs less than indexing saves
+    (against the weight's own ``weight_itemsize`` bytes per value).
 
     Returns ``(group_size, note)``; ``group_size == 0`` means the layer does not
     pay for itself even with one codebook and should be left alone.
     """
     k = 1 << settings.bits
-    fp32 = size * 4
+    fp32 = size * weight_itemsize
     gs = settings.group_size_for(channels)
     asked = gs
     while True:

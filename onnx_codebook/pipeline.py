@@ -22,7 +22,7 @@ from .encode import CODEBOOK_ITEMSIZE, cluster_layer, effective_group_size, foot
 from .errors import CodebookError, CodebookWarning, NoEligibleLayerError
 from .io import tensor_bytes
 from .pack import container_bits
-from .rewrite import NameScope, add_standard_decode, fold_epilogue, fusible, replace_with_fused
+from .rewrite import NameScope, add_standard_decode, fold_epilogue, fusible, replace_with_fused, unfused_reason
 from .rewrite import fused as fused_rewrite
 from .rewrite.common import model_names
 from .schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY
@@ -51,6 +51,7 @@ class LayerResult:
     format: str
     container_bits: int
     bytes_fp32: int
+    bytes_original: int  # the weight as the input model stored it (float16: half of bytes_fp32)
     bytes_stored: int
     index_bytes: int
     codebook_bytes: int
@@ -59,7 +60,7 @@ class LayerResult:
 
     @property
     def ratio(self) -> float:
-        return self.bytes_fp32 / max(self.bytes_stored, 1)
+        return self.bytes_original / max(self.bytes_stored, 1)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class CompressResult:
 
     @property
     def weight_bytes_before(self) -> int:
-        return sum(r.bytes_fp32 for r in self.layers)
+        return sum(r.bytes_original for r in self.layers)
 
     @property
     def weight_bytes_after(self) -> int:
@@ -161,16 +162,17 @@ def plan_layer(layer: Layer, config: CompressConfig, available: int = 2,
     container = max(container_bits(settings.bits), available)
     itemsize = CODEBOOK_ITEMSIZE[config.codebook_dtype]
     # Granularity is decided on exact-bit sizes, so both formats cluster a layer the same way.
-    group_size, note = effective_group_size(layer.size, channels, settings, fmt="fused", codebook_itemsize=itemsize)
+    group_size, note = effective_group_size(layer.size, channels, settings, fmt="fused", codebook_itemsize=itemsize,
+                                            weight_itemsize=layer.nbytes // max(layer.size, 1))
     if fmt == "standard" and group_size:
         # Containers wider than the bits and channel offsets change the sums: coarsen further if needed.
         def total(gsz):
             return footprint(layer.size, channels, settings.bits, gsz, 1 << settings.bits,
                              codebook_itemsize=itemsize, container=container).total
         coarsened = group_size
-        while total(coarsened) >= layer.size * 4 and coarsened < channels:
+        while total(coarsened) >= layer.nbytes and coarsened < channels:
             coarsened = min(coarsened * 2, channels)
-        if total(coarsened) >= layer.size * 4:
+        if total(coarsened) >= layer.nbytes:
             group_size, note = 0, f"{settings.bits}-bit indices in {container}-bit containers would not make it smaller"
         elif coarsened != group_size:
             group_size = coarsened
@@ -240,6 +242,13 @@ def compress_model(
         layer for layer in layers
         if config.format == "standard" or not all(fusible(n, layer.constant) for n in layer.constant.outputs)
     ]
+    if config.format == "fused" and needs_standard:
+        reasons = []
+        for layer in needs_standard:
+            why = next(r for n in layer.constant.outputs if (r := unfused_reason(n, layer.constant)))
+            reasons.append(f"{layer.weight} ({why})")
+        notes.append(f"{len(needs_standard)} of {len(layers)} layers keep the standard decode in the fused model "
+                     f"(no fused kernel): " + ", ".join(reasons[:3]) + (", ..." if len(reasons) > 3 else ""))
     narrowest = min((container_bits(_settings_for(config, l).bits) for l in needs_standard), default=8)
     if narrowest < 8:
         converted, available = _plan_containers(proto, narrowest, notes)
@@ -296,7 +305,7 @@ def compress_model(
             codebook_entries=clustering.groups * clustering.k, method=settings.method,
             format="fused" if all_fused else ("fused+standard" if fuse_nodes else "standard"),
             container_bits=settings.bits if all_fused else container,
-            bytes_fp32=layer.size * 4, bytes_stored=stored, index_bytes=fp.index_bytes,
+            bytes_fp32=layer.size * 4, bytes_original=layer.nbytes, bytes_stored=stored, index_bytes=fp.index_bytes,
             codebook_bytes=fp.codebook_bytes, sqnr_db=sqnr_db(weight, clustering.decode()), note=note,
         ))
         metadata[layer.weight] = {"bits": settings.bits, "granularity": granularity, "group_size": group_size,

@@ -39,6 +39,11 @@ class Layer:
     def channels(self) -> int:
         return int(self.shape[self.axis])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight as the model stores it (float16, float32 or float64)."""
+        return self.size * np.dtype(self.constant.dtype).itemsize
+
 
 @dataclass(frozen=True)
 class Skipped:

@@ -320,16 +320,38 @@ def test_float16_codebook(rng):
 
 
 def test_float16_weights_stay_float16(rng):
-    w = randn(rng, 32, 48).astype(np.float16)
-    nodes = [helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")]
-    model = make_model(nodes, [helper.make_tensor_value_info("A", TensorProto.FLOAT16, [2, 32])],
-                       [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [2, 48])], [init("W", w)])
+    model = float16_matmul_model(rng)
     result = compress(model, bits=4)
     onnx.checker.check_model(result.model, full_check=True)
     a = rng.standard_normal((2, 32)).astype(np.float16)
     want, got = run(model, {"A": a})[0], run(result.model, {"A": a})[0]
     assert got.dtype == np.float16
     assert rel_rms(want.astype(np.float32), got.astype(np.float32)) <= max_error(4)
+
+
+def float16_matmul_model(rng):
+    w = randn(rng, 32, 48).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")]
+    return make_model(nodes, [helper.make_tensor_value_info("A", TensorProto.FLOAT16, [2, 32])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [2, 48])], [init("W", w)])
+
+
+@pytest.mark.parametrize("fmt", ["standard", "fused"])
+def test_float16_weights_report_their_own_bytes(fmt, rng):
+    # The ratio is against the weight as the model stores it: 2 bytes per float16 value.
+    result = compress(float16_matmul_model(rng), bits=4, format=fmt)
+    (layer,) = result.layers
+    assert layer.bytes_original == 32 * 48 * 2 and layer.bytes_fp32 == 32 * 48 * 4
+    assert layer.ratio == pytest.approx(layer.bytes_original / layer.bytes_stored)
+    assert result.summary()["weight_bytes_before"] == 32 * 48 * 2
+
+
+def test_fused_format_says_which_layers_keep_the_standard_decode(rng):
+    # The kernels compute in float32: a float16 layer keeps Cast + Gather, and the user is told.
+    result = compress(float16_matmul_model(rng), bits=4, format="fused")
+    assert not any(n.domain for n in result.model.graph.node)
+    assert any("1 of 1 layers keep the standard decode" in w and "W (float16 weight)" in w for w in result.warnings)
+    assert not any("standard decode" in w for w in compress(small_cnn(rng), bits=4, format="fused").warnings)
 
 
 def test_stored_bytes_include_codebooks_and_offsets(rng):

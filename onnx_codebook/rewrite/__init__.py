@@ -5,7 +5,7 @@
 """
 
 from .common import NameScope, lazy_constant
-from .fused import fold_epilogue, fusible, replace_with_fused
+from .fused import fold_epilogue, fusible, replace_with_fused, unfused_reason
 from .standard import add_standard_decode
 
-__all__ = ["NameScope", "lazy_constant", "add_standard_decode", "fold_epilogue", "fusible", "replace_with_fused"]
+__all__ = ["NameScope", "lazy_constant", "add_standard_decode", "fold_epilogue", "fusible", "replace_with_fused", "unfused_reason"]

@@ -18,18 +18,24 @@ FOLD_EPILOGUE = True
 
 def fusible(node: gs.Node, weight: gs.Constant) -> bool:
     """Whether ``node`` (consuming ``weight`` as its weight) has a fused kernel."""
+    return unfused_reason(node, weight) is None
+
+
+def unfused_reason(node: gs.Node, weight: gs.Constant) -> str | None:
+    """Why ``node`` (consuming ``weight``) keeps the standard decode in a fused model, or None."""
     if node.op not in FUSED_OF or len(node.inputs) < 2 or node.inputs[1] is not weight:
-        return False
+        return f"{node.op} reads it other than as its weight"
     if weight.dtype is None or np.dtype(weight.dtype) != np.float32:
-        return False  # the kernels compute in float32; float16 / double models keep the standard decode
+        # the kernels compute in float32
+        return f"{np.dtype(weight.dtype).name if weight.dtype is not None else 'untyped'} weight"
     rank = len(weight.shape)
-    if node.op == "Conv":
-        return rank - 2 in FUSED_CONV_SPATIAL
-    if node.op == "ConvTranspose":
-        return rank - 2 in FUSED_CONV_SPATIAL and _conv_transpose_fusible(node, weight)
-    if node.op == "MatMul":
-        return rank == 2
-    return rank == 2
+    if node.op in ("Conv", "ConvTranspose") and rank - 2 not in FUSED_CONV_SPATIAL:
+        return f"{rank - 2}-D {node.op}"
+    if node.op == "ConvTranspose" and not _conv_transpose_fusible(node, weight):
+        return "ConvTranspose with auto_pad / output_shape or few input channels per group"
+    if node.op in ("Gemm", "MatMul") and rank != 2:
+        return f"{node.op} weight of rank {rank}"
+    return None
 
 
 def _conv_transpose_fusible(node: gs.Node, weight: gs.Constant) -> bool:
