@@ -373,7 +373,7 @@ WINOGRAD_CASES = [
     ([6, 6], [2, 2, 2, 2], 3, 48, 64),  # border tiles wholly in the padding
     ([21, 19], "SAME_LOWER", 1, 16, 40),  # 110 tiles: several chunks of tile rows
     ([5, 150], [1, 1, 1, 1], 1, 24, 24),  # 75 tiles per tile row: a chunk wider than 64 tiles
-    ([60, 60], [1, 1, 1, 1], 3, 64, 24),  # transformed in bands of 34 tile rows (4 MB), across images
+    ([60, 60], [1, 1, 1, 1], 3, 64, 24),  # transformed in bands of 4 tile rows (512 KB); 30 per image
 ]
 
 
