@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import onnx_codebook as oc
 from onnx_codebook.cli import app
+from onnx_codebook.errors import CodebookWarning
 from onnx_codebook.schema import DOMAIN
 
 from conftest import (conv_model, conv_transpose_model, feeds_for, gemm_model, matmul_model, shared_weight_model,
@@ -101,7 +102,8 @@ def test_conv_transpose_keeps_the_standard_decode(kwargs):
     # implicit padding stays with onnxruntime's own arithmetic, and 6 input channels
     # per group would pad the kernel's index rows to 8 (a third more memory)
     model = conv_transpose_model(np.random.default_rng(0), **kwargs)
-    fused = oc.compress(model, format="fused", min_elements=0)
+    with pytest.warns(CodebookWarning, match=r"1 of 1 layers keep the standard decode .*ConvTranspose with"):
+        fused = oc.compress(model, format="fused", min_elements=0)
     assert _fused_ops(fused) == [] and any(n.op_type == "Gather" for n in fused.graph.node)
     feeds = feeds_for(model, np.random.default_rng(1))
     _close(_run(oc.decompress(fused), feeds), _run(fused, feeds))
@@ -174,7 +176,8 @@ def test_float16_model_keeps_the_standard_decode():
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [1, 32, 8, 8])],
         [onnx.numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    result = oc.compress_with_report(model, format="fused", min_elements=0)
+    with pytest.warns(CodebookWarning, match=r"w \(float16 weight\)"):
+        result = oc.compress_with_report(model, format="fused", min_elements=0)
     assert _fused_ops(result.model) == [] and [l.format for l in result.layers] == ["standard"]
     x = rng.standard_normal((1, 16, 8, 8)).astype(np.float16)
     standard = oc.compress(model, min_elements=0)
