@@ -45,8 +45,8 @@ from .errors import ConfigError, DataError
 from .evaluation import check_labels, predict
 from .pipeline import ClusterCache, LayerPlan, compress_model, layer_clustering, plan_layer
 from .schema import GRANULARITIES
-from .select import (Layer, constants_to_initializers, fold_batch_norms, select_layers, skip_reasons,
-                     unlist_ir3_weight_inputs)
+from .select import (Layer, constants_to_initializers, fold_batch_norms, fold_weight_casts, select_layers,
+                     skip_reasons, unlist_ir3_weight_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +388,9 @@ def run_search(
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     constants_to_initializers(proto, config.ops)
+    cast = fold_weight_casts(proto, config.ops)
     graph = gs.import_onnx(proto)
-    layers, skipped = select_layers(graph, config.ops, config.min_elements, {i.name for i in proto.graph.input})
+    layers, skipped = select_layers(graph, config.ops, config.min_elements, {i.name for i in proto.graph.input}, cast)
     layers = [l for l in layers if l.graph is graph and l.weight not in config.exclude]
     if not layers:
         raise ConfigError(f"no eligible layer to search over{skip_reasons(skipped)}; try a lower --min-elements")
@@ -472,7 +473,7 @@ def run_search(
     total_fp32 = sum(l.size * 4 for l in layers)
     for st in states:
         l = st.layer
-        st.options.append(Option(None, l.size * weights[l.weight].dtype.itemsize, 0.0))
+        st.options.append(Option(None, l.nbytes, 0.0))
         seen = set()
         for ch in choices:
             plan = plan_layer(l, fmt_cfg, 2, ch.settings())

@@ -26,8 +26,8 @@ from .rewrite import NameScope, add_standard_decode, fold_epilogue, fusible, rep
 from .rewrite import fused as fused_rewrite
 from .rewrite.common import model_names
 from .schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY
-from .select import (Layer, Skipped, constants_to_initializers, fold_batch_norms, select_layers, skip_reasons,
-                     unlist_ir3_weight_inputs)
+from .select import (Layer, Skipped, constants_to_initializers, fold_batch_norms, fold_weight_casts, select_layers,
+                     skip_reasons, unlist_ir3_weight_inputs)
 
 # Opset that introduced Cast from each index container, and the IR version it needs.
 CONTAINER_OPSET = {2: 25, 4: 21, 8: 1}
@@ -220,6 +220,10 @@ def compress_model(
         notes.append(f"IR version 3 model: its {unlisted} initializers, listed as graph inputs as that version "
                      "requires, are treated as weights; the output (IR 4+) no longer lists them as inputs")
     constants_to_initializers(proto, config.ops)
+    cast = fold_weight_casts(proto, config.ops)
+    if cast:
+        notes.append(f"{len(cast)} weight(s) stored as float16 / float64 and read through Cast(to=float) are "
+                     "clustered as the float32 values onnxruntime computes with (sizes count them as stored)")
     fold_batch_norms(proto)
     known_value_info = {v.name for v in proto.graph.value_info}
     if config.format == "fused" and fused_rewrite.FOLD_EPILOGUE and tensor_bytes(proto) < 1_800_000_000:
@@ -229,7 +233,7 @@ def compress_model(
         except Exception:  # shape inference is an optimisation aid only
             pass
     graph = gs.import_onnx(proto)
-    layers, skipped = select_layers(graph, config.ops, config.min_elements, _input_names(proto))
+    layers, skipped = select_layers(graph, config.ops, config.min_elements, _input_names(proto), cast)
     if not layers:
         raise NoEligibleLayerError(
             f"no eligible {'/'.join(config.ops)} weight with >= {config.min_elements} elements"
@@ -255,7 +259,7 @@ def compress_model(
         if converted is not proto:
             proto = converted
             graph = gs.import_onnx(proto)
-            layers, skipped = select_layers(graph, config.ops, config.min_elements, _input_names(proto))
+            layers, skipped = select_layers(graph, config.ops, config.min_elements, _input_names(proto), cast)
     else:
         available = 8
 

@@ -26,6 +26,9 @@ class Layer:
     graph: gs.Graph = field(repr=False)
     constant: gs.Constant = field(repr=False)
     consumers: list[gs.Node] = field(repr=False)
+    # Bytes per value the input model stored the weight in, where that differs from its
+    # dtype here (a float16 weight read through Cast(to=float): fold_weight_casts).
+    stored_itemsize: int = 0
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -41,8 +44,8 @@ class Layer:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the weight as the model stores it (float16, float32 or float64)."""
-        return self.size * np.dtype(self.constant.dtype).itemsize
+        """Bytes of the weight as the input model stored it (float16, float32 or float64)."""
+        return self.size * (self.stored_itemsize or np.dtype(self.constant.dtype).itemsize)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,60 @@ def constants_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> i
             del graph.node[:]
             graph.node.extend(keep)
     return moved
+
+
+def fold_weight_casts(model: onnx.ModelProto, ops: tuple[str, ...]) -> dict[str, int]:
+    """Replace ``Cast(to=float)`` of a float16 / float64 initializer that feeds only the
+    weight inputs of ``ops`` with a float32 initializer of the cast values (mixed-precision
+    exports store weights so; onnxruntime folds the Cast at session start and computes
+    with these values).  Only where the initializer feeds nothing else and is not a graph
+    input.  Works in place on every (sub)graph; returns {new weight name: bytes per value
+    the model stored it in}.
+    """
+    graphs = list(iter_graphs(model.graph))
+    uses: dict[str, int] = {}
+    weight_uses: dict[str, int] = {}
+    for g in graphs:
+        for node in g.node:
+            for k, name in enumerate(node.input):
+                uses[name] = uses.get(name, 0) + 1
+                if node.op_type in ops and node.domain in ("", "ai.onnx") and k == WEIGHT_INPUT[node.op_type]:
+                    weight_uses[name] = weight_uses.get(name, 0) + 1
+    overridable = {i.name for g in graphs for i in g.input}
+    folded: dict[str, int] = {}
+    for graph in graphs:
+        inits = {t.name: t for t in graph.initializer}
+        outputs = {o.name for o in graph.output}
+        keep, dropped = [], set()
+        for node in graph.node:
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            src = inits.get(node.input[0]) if node.op_type == "Cast" and len(node.input) == 1 else None
+            out = node.output[0] if len(node.output) == 1 else ""
+            if (
+                src is None
+                or node.domain not in ("", "ai.onnx")
+                or to != onnx.TensorProto.FLOAT
+                or src.data_type not in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+                or src.name in overridable
+                or uses.get(src.name) != 1
+                or out in outputs
+                or out in inits
+                or not weight_uses.get(out)
+                or weight_uses[out] != uses.get(out)
+            ):
+                keep.append(node)
+                continue
+            values = numpy_helper.to_array(src)
+            graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), out))
+            dropped.add(src.name)
+            folded[out] = values.dtype.itemsize
+        if dropped:
+            kept_inits = [t for t in graph.initializer if t.name not in dropped]
+            del graph.initializer[:]
+            graph.initializer.extend(kept_inits)
+            del graph.node[:]
+            graph.node.extend(keep)
+    return folded
 
 
 def unlist_ir3_weight_inputs(model: onnx.ModelProto) -> int:
@@ -217,14 +274,17 @@ def _weight_constant(tensor: gs.Tensor) -> gs.Constant | None:
 
 
 def select_layers(
-    graph: gs.Graph, ops: tuple[str, ...], min_elements: int, graph_inputs=()
+    graph: gs.Graph, ops: tuple[str, ...], min_elements: int, graph_inputs=(), stored_itemsize=None
 ) -> tuple[list[Layer], list[Skipped]]:
     """Eligible weights of ``graph`` and its subgraphs, and the reasons others were skipped.
 
     ``graph_inputs`` names the model's graph inputs as the protobuf lists them:
     onnx-graphsurgeon drops inputs that also have an initializer, and such a
-    weight can be overridden at run time, so it is left alone.
+    weight can be overridden at run time, so it is left alone.  ``stored_itemsize``:
+    {weight name: bytes per value in the input model} where that differs from the
+    weight's dtype here (fold_weight_casts).
     """
+    stored_itemsize = stored_itemsize or {}
     graphs = [graph, *graph.subgraphs(recursive=True)]
     graph_inputs = {t.name for t in graph.inputs} | set(graph_inputs)
     found: dict[int, Layer] = {}
@@ -286,6 +346,6 @@ def select_layers(
                     layer.axis = -1  # consumers disagree on the channel axis: one codebook only
                 layer.consumers.append(node)
                 continue
-            found[key] = Layer(const.name, node.op, shape, axis, g, const, [node])
+            found[key] = Layer(const.name, node.op, shape, axis, g, const, [node], stored_itemsize.get(const.name, 0))
             order.append(key)
     return [found[k] for k in order], skipped

@@ -357,6 +357,44 @@ def test_fused_format_says_which_layers_keep_the_standard_decode(rng):
     assert not any("standard decode" in w for w in compress(small_cnn(rng), bits=4, format="fused").warnings)
 
 
+def cast_weight_model(rng, *, also_read=False):
+    """X[N,8,6,6] -> Conv(Cast(W16 to float)) -> Y: a float16 weight as mixed-precision exports store it;
+    ``also_read``: the cast weight also feeds an Identity output."""
+    w = (randn(rng, 24, 8, 3, 3) * 0.3).astype(np.float16)
+    nodes = [helper.make_node("Cast", ["W16"], ["Wf"], to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["X", "Wf"], ["Y"], name="conv", pads=[1, 1, 1, 1])]
+    outputs = [("Y", [2, 24, 6, 6])]
+    if also_read:
+        nodes.append(helper.make_node("Identity", ["Wf"], ["Wcopy"]))
+        outputs.append(("Wcopy", [24, 8, 3, 3]))
+    return make_model(nodes, [("X", [2, 8, 6, 6])], outputs, [init("W16", w)])
+
+
+@pytest.mark.parametrize("fmt", ["standard", "fused"])
+def test_float16_weight_read_through_cast_is_compressed(fmt, rng):
+    # onnxruntime folds the Cast at session start: the codebooks fit the float32 values it
+    # computes with, the fused op reads them without the Cast, and sizes count 2 bytes each.
+    model = cast_weight_model(rng)
+    with pytest.warns(CodebookWarning, match=r"1 weight\(s\) stored as float16 / float64 and read through Cast"):
+        result = compress(model, bits=4, format=fmt)
+    (layer,) = result.layers
+    assert layer.name == "Wf" and layer.bytes_original == 24 * 8 * 9 * 2
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "Cast" not in ops or fmt == "standard"  # the standard decode casts its indices
+    assert ("CodebookConv" in ops) == (fmt == "fused")
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = feeds_for(model, rng, 2)
+    session = oc.session(result.model, threads=1) if fmt == "fused" else None
+    got = session.run(None, feeds)[0] if session else run(result.model, feeds)[0]
+    assert rel_rms(run(model, feeds)[0], got) <= max_error(4)
+
+
+def test_cast_weight_read_elsewhere_is_left_alone(rng):
+    model = cast_weight_model(rng, also_read=True)
+    with pytest.raises(NoEligibleLayerError, match="computed at run time"):
+        compress(model, bits=4)
+
+
 def test_stored_bytes_include_codebooks_and_offsets(rng):
     model = small_cnn(rng)
     for granularity in ("tensor", "channel", "group"):
