@@ -46,7 +46,7 @@ from .evaluation import check_labels, predict
 from .pipeline import ClusterCache, LayerPlan, compress_model, layer_clustering, plan_layer
 from .schema import GRANULARITIES
 from .select import (Layer, constants_to_initializers, fold_batch_norms, fold_weight_casts, select_layers,
-                     skip_reasons, unlist_ir3_weight_inputs)
+                     skip_reasons, unlist_ir3_weight_inputs, weight_casts_note)
 
 log = logging.getLogger(__name__)
 
@@ -360,12 +360,14 @@ def run_search(
         raise DataError("--metric top1 needs labels in the data; use --metric agreement for unlabelled data")
     config = config or CompressConfig()
     choices = default_choices(bits, granularities, group_size)
-    # Normalisations folded (and an IR 3 model's weights unlisted from its inputs) once,
-    # up front: every model the search builds and scores then has the weights
-    # compress_model will cluster.
+    # Normalisations folded (an IR 3 model's weights unlisted from its inputs, and float16
+    # weights read through a Cast made float32, first) once, up front: every model the
+    # search builds and scores then has the weights compress_model will cluster.
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    if unlist_ir3_weight_inputs(folded) + fold_batch_norms(folded):
+    changed = unlist_ir3_weight_inputs(folded)
+    cast = fold_weight_casts(folded, config.ops)  # before the normalisations: it makes such weights foldable
+    if changed + len(cast) + fold_batch_norms(folded):
         model = folded
 
     def tick(msg: str, frac: float) -> None:
@@ -388,7 +390,6 @@ def run_search(
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     constants_to_initializers(proto, config.ops)
-    cast = fold_weight_casts(proto, config.ops)
     graph = gs.import_onnx(proto)
     layers, skipped = select_layers(graph, config.ops, config.min_elements, {i.name for i in proto.graph.input}, cast)
     layers = [l for l in layers if l.graph is graph and l.weight not in config.exclude]
@@ -739,6 +740,8 @@ def run_search(
     limit = max_drop if drop_type == "absolute" else base_s * max_drop / 100
     if drop_search > limit + 1e-9 and not notes:
         notes.append(f"the final model drops {drop_search:.2f} points on the search data, over the budget")
+    if cast:
+        notes.append(weight_casts_note(len(cast)))
     report = {
         "metric": metric, "max_drop": max_drop, "drop_type": drop_type, "target": target,
         "search": {"baseline": base_s, "compressed": comp_s, "drop": drop_search,

@@ -27,7 +27,7 @@ from .rewrite import fused as fused_rewrite
 from .rewrite.common import model_names
 from .schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY
 from .select import (Layer, Skipped, constants_to_initializers, fold_batch_norms, fold_weight_casts, select_layers,
-                     skip_reasons, unlist_ir3_weight_inputs)
+                     skip_reasons, unlist_ir3_weight_inputs, weight_casts_note)
 
 # Opset that introduced Cast from each index container, and the IR version it needs.
 CONTAINER_OPSET = {2: 25, 4: 21, 8: 1}
@@ -222,8 +222,7 @@ def compress_model(
     constants_to_initializers(proto, config.ops)
     cast = fold_weight_casts(proto, config.ops)
     if cast:
-        notes.append(f"{len(cast)} weight(s) stored as float16 / float64 and read through Cast(to=float) are "
-                     "clustered as the float32 values onnxruntime computes with (sizes count them as stored)")
+        notes.append(weight_casts_note(len(cast)))
     fold_batch_norms(proto)
     known_value_info = {v.name for v in proto.graph.value_info}
     if config.format == "fused" and fused_rewrite.FOLD_EPILOGUE and tensor_bytes(proto) < 1_800_000_000:

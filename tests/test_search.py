@@ -117,6 +117,28 @@ def test_ir3_model_with_weights_listed_as_inputs_is_searched():
     assert result.report["search"]["drop"] <= 5.0 + 1e-9
 
 
+def test_float16_weights_behind_a_cast_are_searched_at_their_stored_size():
+    # Mixed-precision exports keep weights as float16 and Cast them to float: the search
+    # clusters them and counts their 2 bytes per value
+    model = onnx.load(str(DIGITS))
+    mixed = onnx.ModelProto()
+    mixed.CopyFrom(model)
+    weights = {n.input[1] for n in mixed.graph.node if n.op_type in ("Conv", "Gemm")}
+    inits = [t for t in mixed.graph.initializer if t.name in weights]
+    for t in inits:
+        half = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name + ".fp16")
+        mixed.graph.initializer.remove(t)
+        mixed.graph.initializer.append(half)
+        mixed.graph.node.insert(0, onnx.helper.make_node("Cast", [half.name], [t.name], to=onnx.TensorProto.FLOAT))
+    digits = oc.data.load_data("sklearn:digits", model)
+    result = oc.search(mixed, digits, max_drop=5.0, metric="agreement", bits=(4, 8), granularity="tensor")
+    assert any("read through Cast" in w for w in result.warnings)
+    layers = result.report["layers"]
+    assert layers and all(l["bytes_original"] * 2 == l["bytes_fp32"] for l in layers)
+    assert result.report["weight_bytes_before"] == sum(l["bytes_original"] for l in layers)
+    assert result.report["search"]["drop"] <= 5.0 + 1e-9
+
+
 def test_user_evaluator_drives_verification():
     model = onnx.load(str(DIGITS))
     digits = oc.data.load_data("sklearn:digits", model)
