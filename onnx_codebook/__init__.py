@@ -46,11 +46,13 @@ def make_config(
     codebook_dtype: str = "float32",
     layers: Mapping[str, LayerSettings | Mapping] | None = None,
     seed: int = 0,
+    weight_inputs: bool = False,
 ) -> CompressConfig:
     """Build and validate a :class:`CompressConfig` from keyword options.
 
     ``layers`` overrides settings per weight name, node name or op type, e.g.
-    ``{"Gemm": {"bits": 8}, "conv1.weight": LayerSettings(bits=6)}``.
+    ``{"Gemm": {"bits": 8}, "conv1.weight": LayerSettings(bits=6)}``.  ``weight_inputs``:
+    also compress weights that the model lists as graph inputs (they stop being inputs).
     """
     if isinstance(ops, str):
         ops = tuple(o.strip() for o in ops.split(",") if o.strip())
@@ -64,14 +66,14 @@ def make_config(
             value = LayerSettings(**{**default.__dict__, **value})
         overrides[key] = value
     return CompressConfig(default=default, ops=tuple(ops), min_elements=min_elements, format=format,
-                          codebook_dtype=codebook_dtype, overrides=overrides, seed=seed)
+                          codebook_dtype=codebook_dtype, overrides=overrides, seed=seed, weight_inputs=weight_inputs)
 
 
 def compress(model: onnx.ModelProto | str, *, validate: bool = True, **options) -> onnx.ModelProto:
     """Compress ``model`` (a path or ModelProto); returns the compressed ModelProto.
 
     Options are those of :func:`make_config` (bits, granularity, group_size,
-    method, init, ops, min_elements, format, codebook_dtype, layers, seed).
+    method, init, ops, min_elements, format, codebook_dtype, layers, seed, weight_inputs).
     Use :func:`compress_with_report` for the per-layer results.
     """
     return compress_with_report(model, validate=validate, **options).model

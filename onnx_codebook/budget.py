@@ -365,7 +365,7 @@ def run_search(
     # search builds and scores then has the weights compress_model will cluster.
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    changed = unlist_ir3_weight_inputs(folded)
+    changed = unlist_ir3_weight_inputs(folded, any_version=config.weight_inputs)
     cast = fold_weight_casts(folded, config.ops)  # before the normalisations: it makes such weights foldable
     if changed + len(cast) + fold_batch_norms(folded):
         model = folded

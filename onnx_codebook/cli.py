@@ -40,6 +40,8 @@ err = _console(stderr=True)
 # Options shared by several commands, defined once.
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.", show_default=False)]
+WeightInputsOpt = Annotated[bool, typer.Option(
+    "--weight-inputs", help="Also compress weights the model lists as graph inputs (they stop being inputs).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report here.")]
@@ -178,6 +180,7 @@ def compress(
     method: Annotated[str, typer.Option("--method", help="kmeans, or binary: sign(W) x a scale per group (1 bit).")] = "kmeans",
     codebook_dtype: Annotated[str, typer.Option("--codebook-dtype", help="float32 or float16.")] = "float32",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the clustering.")] = 0,
+    weight_inputs: WeightInputsOpt = False,
     data: Annotated[Optional[str], typer.Option("--data", help="Also evaluate before/after on this data.")] = None,
     report: ReportOpt = None,
     force: ForceOpt = False,
@@ -195,7 +198,7 @@ def compress(
             raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
         config = make_config(bits=bits, granularity=granularity, group_size=group_size, ops=ops,
                              min_elements=min_elements, format=fmt, method=method,
-                             codebook_dtype=codebook_dtype, seed=seed)
+                             codebook_dtype=codebook_dtype, seed=seed, weight_inputs=weight_inputs)
         check_output_path(output, inputs=(model,), force=force)
         if report is not None:
             check_output_path(report, inputs=(model, output), force=True)
@@ -329,6 +332,7 @@ def search(
     bias_correction: Annotated[bool, typer.Option("--bias-correction/--no-bias-correction", help="Shift biases by the mean error the codebooks introduce.")] = False,
     activation_aware: Annotated[bool, typer.Option("--activation-aware/--no-activation-aware", help="Weight the clustering by input-activation energy.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    weight_inputs: WeightInputsOpt = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a Pareto plot (PNG; needs matplotlib).")] = None,
     report: ReportOpt = None,
     force: ForceOpt = False,
@@ -372,7 +376,8 @@ def search(
                                 granularity=granularity, group_size=group_size, holdout_fraction=holdout_fraction,
                                 time_budget=time_budget, workers=workers, format=fmt, ops=ops,
                                 min_elements=min_elements, bias_correction=bias_correction,
-                                activation_aware=activation_aware, image=image, seed=seed, progress=tick)
+                                activation_aware=activation_aware, image=image, seed=seed, progress=tick,
+                                weight_inputs=weight_inputs)
         rep = result.report
         before = model_file_bytes(model)
         after = save_model(result.model, output)

@@ -69,6 +69,9 @@ class CompressConfig:
     overrides: Mapping[str, LayerSettings] = field(default_factory=dict)
     seed: int = 0
     exclude: frozenset[str] = frozenset()  # weight names kept in float
+    # Also compress weights the model lists as graph inputs (overridable at run time); the
+    # output no longer lists them.  IR version 3 models get this regardless.
+    weight_inputs: bool = False
 
     def __post_init__(self):
         ops = tuple(self.ops)

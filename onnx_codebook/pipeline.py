@@ -215,10 +215,14 @@ def compress_model(
     notes: list[str] = []
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
-    unlisted = unlist_ir3_weight_inputs(proto)
-    if unlisted:
+    ir3 = proto.ir_version < 4
+    unlisted = unlist_ir3_weight_inputs(proto, any_version=config.weight_inputs)
+    if unlisted and ir3:
         notes.append(f"IR version 3 model: its {unlisted} initializers, listed as graph inputs as that version "
                      "requires, are treated as weights; the output (IR 4+) no longer lists them as inputs")
+    elif unlisted:
+        notes.append(f"{unlisted} initializers listed as graph inputs are treated as constants (--weight-inputs); the "
+                     "output no longer lists them as inputs")
     constants_to_initializers(proto, config.ops)
     cast = fold_weight_casts(proto, config.ops)
     if cast:

@@ -160,8 +160,9 @@ def weight_casts_note(count: int) -> str:
             "float32 values onnxruntime computes with (sizes count them as stored)")
 
 
-def unlist_ir3_weight_inputs(model: onnx.ModelProto) -> int:
-    """Drop the main graph's inputs that only list an initializer, in an IR version 3 model.
+def unlist_ir3_weight_inputs(model: onnx.ModelProto, any_version: bool = False) -> int:
+    """Drop the main graph's inputs that only list an initializer, in an IR version 3 model
+    (with ``any_version``, in any: the user asked for weights listed as inputs to count).
 
     IR 3 requires every initializer to be listed among the graph inputs (exporters of the
     opset 8 era wrote it), so there the listing does not mark a weight as meant to be
@@ -169,7 +170,7 @@ def unlist_ir3_weight_inputs(model: onnx.ModelProto) -> int:
     IR 4, which allows initializers that are not inputs.  Works in place; returns how many
     inputs were dropped.
     """
-    if model.ir_version >= 4:
+    if model.ir_version >= 4 and not any_version:
         return 0
     inits = {t.name for t in model.graph.initializer}
     keep = [i for i in model.graph.input if i.name not in inits]
@@ -177,7 +178,7 @@ def unlist_ir3_weight_inputs(model: onnx.ModelProto) -> int:
     if dropped:
         del model.graph.input[:]
         model.graph.input.extend(keep)
-        model.ir_version = 4
+        model.ir_version = max(model.ir_version, 4)
     return dropped
 
 
@@ -317,7 +318,8 @@ def select_layers(
                 continue
             if const.name in graph_inputs:
                 skipped.append(Skipped(const.name, node.op, "weight is also a graph input (can be overridden at run time; "
-                                       "export without it there, e.g. keep_initializers_as_inputs=False, to compress it)"))
+                                       "export without it there, e.g. keep_initializers_as_inputs=False, or pass "
+                                       "--weight-inputs to compress it)"))
                 bad.add(key)
                 continue
             dtype = np.dtype(const.dtype) if const.dtype is not None else None

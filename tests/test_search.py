@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import onnx_codebook as oc
 from onnx_codebook.cli import app
+from onnx_codebook.errors import ConfigError
 from onnx_codebook.data import Dataset
 from onnx_codebook.budget import pareto_front
 
@@ -115,6 +116,20 @@ def test_ir3_model_with_weights_listed_as_inputs_is_searched():
     result = oc.search(old, digits, max_drop=5.0, metric="agreement", bits=(4, 8), granularity="tensor")
     assert result.report["layers"] and [i.name for i in result.model.graph.input] == [model.graph.input[0].name]
     assert result.report["search"]["drop"] <= 5.0 + 1e-9
+
+
+def test_weights_listed_as_inputs_are_searched_with_weight_inputs():
+    model = onnx.load(str(DIGITS))
+    listed = onnx.ModelProto()
+    listed.CopyFrom(model)
+    listed.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                              for t in listed.graph.initializer)
+    digits = oc.data.load_data("sklearn:digits", model)
+    with pytest.raises(ConfigError, match="--weight-inputs"):
+        oc.search(listed, digits, max_drop=5.0, metric="agreement", bits=(4,), granularity="tensor")
+    result = oc.search(listed, digits, max_drop=5.0, metric="agreement", bits=(4, 8), granularity="tensor",
+                       weight_inputs=True)
+    assert result.report["layers"] and [i.name for i in result.model.graph.input] == [model.graph.input[0].name]
 
 
 def test_float16_weights_behind_a_cast_are_searched_at_their_stored_size():

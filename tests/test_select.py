@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnx_codebook.config import CompressConfig
-from onnx_codebook.errors import CodebookWarning
+from onnx_codebook.errors import CodebookWarning, NoEligibleLayerError
 from onnx_codebook.pipeline import compress_model
 from onnx_codebook.select import constants_to_initializers, select_layers
 
@@ -121,6 +121,25 @@ def test_ir3_weights_listed_as_inputs_are_compressed_like_unlisted_ones(rng):
     feeds = feeds_for(model, rng)
     np.testing.assert_array_equal(run(out.model, feeds)[0], run(ref.model, feeds)[0])
     assert [i.name for i in old.graph.input][0] == "X" and len(old.graph.input) == 7  # input untouched
+
+
+def test_weight_inputs_option_compresses_weights_listed_as_inputs(rng):
+    # IR 4+: the listing marks the weights as overridable, so only the option compresses them
+    model = small_cnn(rng)
+    listed = onnx.ModelProto()
+    listed.CopyFrom(model)
+    listed.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                              for t in listed.graph.initializer)
+    onnx.checker.check_model(listed, full_check=True)
+    with pytest.raises(NoEligibleLayerError, match="--weight-inputs"):
+        compress_model(listed, CompressConfig(min_elements=0))
+    with pytest.warns(CodebookWarning, match="listed as graph inputs are treated as constants"):
+        out = compress_model(listed, CompressConfig(min_elements=0, weight_inputs=True))
+    ref = compress_model(model, CompressConfig(min_elements=0))
+    assert [l.name for l in out.layers] == [l.name for l in ref.layers] == ["conv1.weight", "conv2.weight", "fc.weight"]
+    assert [i.name for i in out.model.graph.input] == ["X"] and out.model.ir_version == model.ir_version
+    feeds = feeds_for(model, rng)
+    np.testing.assert_array_equal(run(out.model, feeds)[0], run(ref.model, feeds)[0])
 
 
 def test_non_float_weight_is_skipped(rng):
