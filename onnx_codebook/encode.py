@@ -69,12 +69,12 @@ def effective_group_size(
     pay for itself even with one codebook and should be left alone.
     """
     k = 1 << settings.bits
-    fp32 = size * weight_itemsize
+    original = size * weight_itemsize
     gs = settings.group_size_for(channels)
     asked = gs
     while True:
         fp = footprint(size, channels, settings.bits, gs, k, fmt=fmt, codebook_itemsize=codebook_itemsize)
-        saved = fp32 - fp.index_bytes
+        saved = original - fp.index_bytes
         if fp.codebook_bytes + fp.offset_bytes <= saved:
             break
         if gs >= channels:
