@@ -127,10 +127,10 @@ inline constexpr int64_t kLaneRows = 16;  // output channels per task
 void RunLaneGemm(const PixelGemmSpec& spec, int64_t columns, const OrtKernelContext* ctx);
 
 // Winograd F(2x2, 3x3) convolution (AVX-512): a 2-D 3x3 convolution with stride 1,
-// dilation 1 and one group, y = act(bias + add + conv(x, w)) in NCHW.  The input is cut into overlapping 4x4 tiles
-// that give 2x2 outputs each, so a tile and channel pair costs 16 multiply-adds
-// instead of 36; 32 output channels run in the vector lanes, their weights decoded
-// and transformed 32 input channels at a time.
+// dilation 1 and one group, y = act(bias + add + conv(x, w)) in NCHW.  The input is
+// cut into overlapping 4x4 tiles that give 2x2 outputs each, so a tile and channel
+// pair costs 16 multiply-adds instead of 36; 32 output channels run in the vector
+// lanes, their weights decoded and transformed 16 input channels at a time.
 struct WinogradSpec {
   const float* x = nullptr;
   int64_t batch = 0, channels = 0, height = 0, width = 0;
