@@ -163,7 +163,7 @@ def plan_layer(layer: Layer, config: CompressConfig, available: int = 2,
     itemsize = CODEBOOK_ITEMSIZE[config.codebook_dtype]
     # Granularity is decided on exact-bit sizes, so both formats cluster a layer the same way.
     group_size, note = effective_group_size(layer.size, channels, settings, fmt="fused", codebook_itemsize=itemsize,
-                                            weight_itemsize=layer.nbytes // max(layer.size, 1))
+                                            weight_itemsize=layer.itemsize)
     if fmt == "standard" and group_size:
         # Containers wider than the bits and channel offsets change the sums: coarsen further if needed.
         def total(gsz):

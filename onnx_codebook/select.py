@@ -43,9 +43,13 @@ class Layer:
         return int(self.shape[self.axis])
 
     @property
+    def itemsize(self) -> int:
+        """Bytes per value of the weight as the input model stored it (float16, float32 or float64)."""
+        return self.stored_itemsize or np.dtype(self.constant.dtype).itemsize
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the weight as the input model stored it (float16, float32 or float64)."""
-        return self.size * (self.stored_itemsize or np.dtype(self.constant.dtype).itemsize)
+        return self.size * self.itemsize
 
 
 @dataclass(frozen=True)
