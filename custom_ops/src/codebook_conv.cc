@@ -804,11 +804,11 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
 // image of 32->128 0.043 against 0.054; 256->256 on 14x14 1.35 against 2.19.
 constexpr int64_t kWinogradMinTiles = 8, kWinogradMinChannels = 16;
 
-// Winograd runs 32 output channels per vector pair: it needs 16 multiply-adds per tile
-// and channel pair, times 32 / (channels of the last block), against the direct 36 with
-// its padded taps.  At 32 (16 output channels) it measured no faster (64->16 on
-// 28x28) or slower (16->16 on 56x56: 1.32 against 1.18 of fp32; 128->8 on 14x14:
-// 1.21 against 1.02), so it takes at most 27.
+// Winograd runs 32 output channels per vector pair, so it costs 16 multiply-adds per
+// tile and channel pair times (output channels rounded up to 32) / (output channels),
+// against the direct path's 36.  At 32 (16 output channels) it measured no faster
+// (64->16 on 28x28) or slower (16->16 on 56x56: 1.32 against 1.18 of fp32; 128->8 on
+// 14x14: 1.21 against 1.02), so it runs where that cost is at most 27 (3/4 of 36).
 bool UseWinograd(const ConvGeometry& g) {
   if (!HasWinograd() || ForcePixelGemm() || g.group != 1 || g.kh != 3 || g.kw != 3 || g.sh != 1 || g.sw != 1 ||
       g.dh != 1 || g.dw != 1 || g.cin_per_group < kWinogradMinChannels) {
