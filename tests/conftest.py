@@ -179,6 +179,19 @@ def rel_rms(reference: np.ndarray, approx: np.ndarray) -> float:
     return float(np.sqrt(np.mean((ref - approx) ** 2)) / max(np.sqrt(np.mean(ref**2)), 1e-30))
 
 
+def weights_listed_as_inputs(model: onnx.ModelProto, ir_version: int | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` that also lists every initializer as a graph input, as IR version 3
+    requires and keep_initializers_as_inputs exports write (with ``ir_version`` set, if given)."""
+    listed = onnx.ModelProto()
+    listed.CopyFrom(model)
+    if ir_version is not None:
+        listed.ir_version = ir_version
+    names = {i.name for i in listed.graph.input}
+    listed.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                              for t in listed.graph.initializer if t.name not in names)
+    return listed
+
+
 def initializer_names(model: onnx.ModelProto) -> list[str]:
     return [t.name for t in model.graph.initializer]
 

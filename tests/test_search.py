@@ -16,6 +16,8 @@ from onnx_codebook.errors import ConfigError
 from onnx_codebook.data import Dataset
 from onnx_codebook.budget import pareto_front
 
+from conftest import weights_listed_as_inputs
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
 BITS = (2, 3, 4, 5, 6, 8)
@@ -107,11 +109,7 @@ def test_relative_budget_and_agreement_metric_need_no_labels():
 def test_ir3_model_with_weights_listed_as_inputs_is_searched():
     # IR 3 lists every initializer as a graph input; those are still weights to search over
     model = onnx.load(str(DIGITS))
-    old = onnx.ModelProto()
-    old.CopyFrom(model)
-    old.ir_version = 3
-    old.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                           for t in old.graph.initializer)
+    old = weights_listed_as_inputs(model, ir_version=3)
     digits = oc.data.load_data("sklearn:digits", model)
     result = oc.search(old, digits, max_drop=5.0, metric="agreement", bits=(4, 8), granularity="tensor")
     assert result.report["layers"] and [i.name for i in result.model.graph.input] == [model.graph.input[0].name]
@@ -120,10 +118,7 @@ def test_ir3_model_with_weights_listed_as_inputs_is_searched():
 
 def test_weights_listed_as_inputs_are_searched_with_weight_inputs():
     model = onnx.load(str(DIGITS))
-    listed = onnx.ModelProto()
-    listed.CopyFrom(model)
-    listed.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                              for t in listed.graph.initializer)
+    listed = weights_listed_as_inputs(model)
     digits = oc.data.load_data("sklearn:digits", model)
     with pytest.raises(ConfigError, match="--weight-inputs"):
         oc.search(listed, digits, max_drop=5.0, metric="agreement", bits=(4,), granularity="tensor")

@@ -14,7 +14,7 @@ from onnx_codebook.pipeline import compress_model
 from onnx_codebook.select import constants_to_initializers, select_layers
 
 from conftest import (constant_node_model, conv_transpose_model, feeds_for, gemm_model, init, make_model, randn, run,
-                      small_cnn)
+                      small_cnn, weights_listed_as_inputs)
 
 OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -94,22 +94,11 @@ def test_weight_that_is_also_a_graph_input_is_skipped_and_kept_in_the_interface(
     onnx.checker.check_model(out.model, full_check=True)
 
 
-def ir3_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` as IR version 3 writes it: every initializer also listed as a graph input."""
-    old = onnx.ModelProto()
-    old.CopyFrom(model)
-    old.ir_version = 3
-    listed = {i.name for i in old.graph.input}
-    old.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                           for t in old.graph.initializer if t.name not in listed)
-    onnx.checker.check_model(old, full_check=True)
-    return old
-
-
 def test_ir3_weights_listed_as_inputs_are_compressed_like_unlisted_ones(rng):
     # IR 3 requires the listing, so it does not mark the weights as overridable
     model = small_cnn(rng, opset=8)
-    old = ir3_model(model)
+    old = weights_listed_as_inputs(model, ir_version=3)
+    onnx.checker.check_model(old, full_check=True)
     assert select(old)[0] == [] and "graph input" in select(old)[1][0].reason  # what select alone sees
     config = CompressConfig(min_elements=0)
     with pytest.warns(CodebookWarning, match="IR version 3"):
@@ -126,10 +115,7 @@ def test_ir3_weights_listed_as_inputs_are_compressed_like_unlisted_ones(rng):
 def test_weight_inputs_option_compresses_weights_listed_as_inputs(rng):
     # IR 4+: the listing marks the weights as overridable, so only the option compresses them
     model = small_cnn(rng)
-    listed = onnx.ModelProto()
-    listed.CopyFrom(model)
-    listed.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                              for t in listed.graph.initializer)
+    listed = weights_listed_as_inputs(model)
     onnx.checker.check_model(listed, full_check=True)
     with pytest.raises(NoEligibleLayerError, match="--weight-inputs"):
         compress_model(listed, CompressConfig(min_elements=0))
