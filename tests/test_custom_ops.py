@@ -364,23 +364,26 @@ def padded_tap_case(size, kernel, stride, dilation, pads, batch, threads=1):
 
 
 WINOGRAD_CASES = [
-    # size, pads (or auto_pad), batch, cin, cout: dense 3x3 convolutions with stride 1, at
-    # least 8 output tiles of 2x2, 16 input and 24 output channels run as Winograd F(2x2, 3x3)
-    # with AVX-512
+    # size, pads (or auto_pad), batch, cin, cout[, group]: 3x3 convolutions with stride 1, at
+    # least 8 output tiles of 2x2, 16 input and 24 output channels (per group: 16 input
+    # channels and a multiple of 16 output channels) run as Winograd F(2x2, 3x3) with AVX-512
     ([8, 8], [1, 1, 1, 1], 1, 32, 128),  # 16 tiles; on 2 threads each transforms the input itself
     ([7, 9], [0, 2, 1, 0], 2, 17, 40),  # odd output sizes, uneven pads, 17 channels, a partial block of 32
     ([4, 4], [1, 1, 1, 1], 2, 40, 20),  # 8 tiles over two images
     ([6, 6], [2, 2, 2, 2], 3, 48, 64),  # border tiles wholly in the padding
     ([21, 19], "SAME_LOWER", 1, 16, 40),  # 110 tiles: several chunks of tile rows
     ([5, 150], [1, 1, 1, 1], 1, 24, 24),  # 75 tiles per tile row: a chunk wider than 64 tiles
+    ([14, 14], [1, 1, 1, 1], 1, 64, 64, 4),  # 16 channels per group: a block of 32 lanes spans two groups
+    ([9, 11], [1, 0, 1, 2], 2, 96, 96, 2),  # 48 per group: the second block's halves in different groups
+    ([8, 8], [1, 1, 1, 1], 1, 48, 48, 3),  # the last block: 16 lanes of the last group, 16 unused
     ([60, 60], [1, 1, 1, 1], 3, 64, 24),  # transformed in bands of 4 tile rows (512 KB); 30 per image
 ]
 
 
-def winograd_case(size, pads, batch, cin, cout, threads=1):
+def winograd_case(size, pads, batch, cin, cout, group=1, threads=1):
     rng = np.random.default_rng(cin + cout + batch)
     auto_pad = pads if isinstance(pads, str) else "NOTSET"
-    conv_case(rng, batch=batch, cin=cin, cout=cout, group=1, kernel=[3, 3], stride=[1, 1], dilation=[1, 1],
+    conv_case(rng, batch=batch, cin=cin, cout=cout, group=group, kernel=[3, 3], stride=[1, 1], dilation=[1, 1],
               pads=None if isinstance(pads, str) else pads, auto_pad=auto_pad, bits=int(rng.integers(1, 9)),
               group_size=int(rng.choice([1, 2, cout])), bias=True, activation=["Relu", "Clip"][cin % 2],
               residual=True, threads=threads, size=size, runs=2)

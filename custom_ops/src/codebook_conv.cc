@@ -12,9 +12,10 @@
 // multiply-adds of both).  Very few columns (N*P <= 16) run as weight rows against
 // im2col columns.  Convolutions with one input channel per group (depthwise) run
 // directly, plane by plane, or 16 channels at a time for planes up to 1024 pixels.
-// Dense 3x3 convolutions with stride 1 and at least 8 output tiles of 2x2 run as
-// Winograd F(2x2, 3x3) (AVX-512): 16 multiply-adds per tile and channel pair instead
-// of 36, the weights decoded and transformed 16 input channels at a time.
+// 3x3 convolutions with stride 1 and at least 8 output tiles of 2x2 (dense, or
+// grouped with a multiple of 16 output channels per group) run as Winograd F(2x2, 3x3)
+// (AVX-512): 16 multiply-adds per tile and channel pair instead of 36, the weights
+// decoded and transformed 16 input channels at a time.
 //
 // The epilogue (bias, residual Z, Relu / Clip) is applied where each output element
 // is written for the last time.
@@ -797,8 +798,8 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
   }
 }
 
-// Dense 3x3 convolutions with stride 1 run as Winograd F(2x2, 3x3) (RunWinogradConv)
-// from this many 2x2 output tiles (over the batch) and input channels.  Fewer tiles
+// 3x3 convolutions with stride 1 run as Winograd F(2x2, 3x3) (RunWinogradConv) from
+// this many 2x2 output tiles (over the batch) and input channels per group.  Fewer tiles
 // do not pay for transforming the weights: 128->256 on one 4x4 image (4 tiles) took
 // 0.116 ms against 0.108 on the lane GEMM; 2 images 0.179 against 0.199; one 8x8
 // image of 32->128 0.043 against 0.054; 256->256 on 14x14 1.35 against 2.19.
@@ -809,9 +810,12 @@ constexpr int64_t kWinogradMinTiles = 8, kWinogradMinChannels = 16;
 // against the direct path's 36.  At 32 (16 output channels) it measured no faster
 // (64->16 on 28x28) or slower (16->16 on 56x56: 1.32 against 1.18 of fp32; 128->8 on
 // 14x14: 1.21 against 1.02), so it runs where that cost is at most 27 (3/4 of 36).
+// Grouped convolutions need a multiple of 16 output channels per group, so that each
+// half of a block lies in one group (ResNeXt's 512 -> 512 in 32 groups on 14x14: 0.86
+// of fp32 against 1.49 on the direct paths, which filled half of the 32 lanes).
 bool UseWinograd(const ConvGeometry& g) {
-  if (!HasWinograd() || ForcePixelGemm() || g.group != 1 || g.kh != 3 || g.kw != 3 || g.sh != 1 || g.sw != 1 ||
-      g.dh != 1 || g.dw != 1 || g.cin_per_group < kWinogradMinChannels) {
+  if (!HasWinograd() || ForcePixelGemm() || g.kh != 3 || g.kw != 3 || g.sh != 1 || g.sw != 1 || g.dh != 1 ||
+      g.dw != 1 || g.cin_per_group < kWinogradMinChannels || (g.group > 1 && g.cout_per_group % 16 != 0)) {
     return false;
   }
   const int64_t lanes = (g.out_channels + 31) / 32 * 32;
@@ -842,9 +846,11 @@ void RunConv(const CodebookWeight& w, const ConvGeometry& g, const float* x, con
     return;
   }
   if (UseWinograd(g)) {
-    RunWinogradConv({x, g.batch, g.channels, g.height, g.width, g.pad_top, g.pad_left, g.out_h, g.out_w, threads,
-                     ConvGemmSpec(w, g, nullptr, 0, bias, z, act, y)},
-                    ctx);
+    WinogradSpec spec{x, g.batch, g.channels, g.height, g.width, g.pad_top, g.pad_left, g.out_h, g.out_w, threads,
+                      ConvGemmSpec(w, g, nullptr, 0, bias, z, act, y), g.group};
+    spec.out.M = g.out_channels;  // the output channels of all groups, in one run
+    spec.out.groups = 1;
+    RunWinogradConv(spec, ctx);
     return;
   }
   const int64_t columns = g.batch * P;

@@ -1354,10 +1354,11 @@ AVX512_TARGET void WinogradWeights(const float* raw, int64_t cc, float* u) {
 
 // Two transforms xi, xi + 1 of 32 output channels x RT tiles, over cc input channels:
 // acc[(t * 16 + x) * 32 + lane] (+)= sum_c u[(c * 16 + x) * 32 + lane] *
-// v[x * v_xi + c * v_c + t].
-template <int RT>
-AVX512_TARGET void WinogradKernel(int64_t cc, const float* u, const float* v, int64_t v_xi, int64_t v_c, float* acc,
-                                  bool first) {
+// v[x * v_xi + c * v_c + t (+ v_half for lanes 16-31 if kSplit: a second group's
+// input channels)].
+template <int RT, bool kSplit>
+AVX512_TARGET void WinogradKernel(int64_t cc, const float* u, const float* v, int64_t v_xi, int64_t v_c,
+                                  int64_t v_half, float* acc, bool first) {
   __m512 a[2][RT][2];
 #pragma GCC unroll 16
   for (int q = 0; q < 4 * RT; ++q) {
@@ -1371,11 +1372,15 @@ AVX512_TARGET void WinogradKernel(int64_t cc, const float* u, const float* v, in
     const __m512 u10 = _mm512_loadu_ps(uc + 32), u11 = _mm512_loadu_ps(uc + 48);
 #pragma GCC unroll 4
     for (int t = 0; t < RT; ++t) {
-      const __m512 b0 = _mm512_set1_ps(v[c * v_c + t]), b1 = _mm512_set1_ps(v1[c * v_c + t]);
+      const float* p0 = v + c * v_c + t;
+      const float* p1 = v1 + c * v_c + t;
+      const __m512 b0 = _mm512_set1_ps(*p0), b1 = _mm512_set1_ps(*p1);
+      const __m512 b0h = kSplit ? _mm512_set1_ps(p0[v_half]) : b0;
+      const __m512 b1h = kSplit ? _mm512_set1_ps(p1[v_half]) : b1;
       a[0][t][0] = _mm512_fmadd_ps(u00, b0, a[0][t][0]);
-      a[0][t][1] = _mm512_fmadd_ps(u01, b0, a[0][t][1]);
+      a[0][t][1] = _mm512_fmadd_ps(u01, b0h, a[0][t][1]);
       a[1][t][0] = _mm512_fmadd_ps(u10, b1, a[1][t][0]);
-      a[1][t][1] = _mm512_fmadd_ps(u11, b1, a[1][t][1]);
+      a[1][t][1] = _mm512_fmadd_ps(u11, b1h, a[1][t][1]);
     }
   }
 #pragma GCC unroll 16
@@ -1385,18 +1390,19 @@ AVX512_TARGET void WinogradKernel(int64_t cc, const float* u, const float* v, in
   }
 }
 
+template <bool kSplit>
 AVX512_TARGET void WinogradKernelAny(int64_t rt, int64_t cc, const float* u, const float* v, int64_t v_xi,
-                                     int64_t v_c, float* acc, bool first) {
+                                     int64_t v_c, int64_t v_half, float* acc, bool first) {
   switch (rt) {
-    case 1: return WinogradKernel<1>(cc, u, v, v_xi, v_c, acc, first);
-    case 2: return WinogradKernel<2>(cc, u, v, v_xi, v_c, acc, first);
-    case 3: return WinogradKernel<3>(cc, u, v, v_xi, v_c, acc, first);
-    default: return WinogradKernel<4>(cc, u, v, v_xi, v_c, acc, first);
+    case 1: return WinogradKernel<1, kSplit>(cc, u, v, v_xi, v_c, v_half, acc, first);
+    case 2: return WinogradKernel<2, kSplit>(cc, u, v, v_xi, v_c, v_half, acc, first);
+    case 3: return WinogradKernel<3, kSplit>(cc, u, v, v_xi, v_c, v_half, acc, first);
+    default: return WinogradKernel<4, kSplit>(cc, u, v, v_xi, v_c, v_half, acc, first);
   }
 }
 
 // The input transform of channels [c0, c1) for tile rows [r0, r1) (of the whole batch,
-// image after image): v[(xi * channels + c) * tiles + t] with tiles = (r1 - r0) *
+// image after image): v[(c * 16 + xi) * tiles + t] with tiles = (r1 - r0) *
 // tile_cols; tile t = (r - r0) * tile_cols + j reads input rows 2i - pad_top .. + 3 of
 // image n (r = n * tile_rows + i) and columns 2j - pad_left .. + 3 (zero outside the
 // image), scaled by 1 / (s_a s_b).  Up to 7 tiles of a tile row at a time: their 16
@@ -1405,7 +1411,7 @@ AVX512_TARGET void WinogradKernelAny(int64_t rt, int64_t cc, const float* u, con
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12, inside _mm512_permutexvar_ps
 AVX512_TARGET void WinogradInput(const WinogradSpec& s, int64_t c0, int64_t c1, int64_t r0, int64_t r1, float* v) {
   const int64_t rows = (s.out_h + 1) / 2, cols = (s.out_w + 1) / 2, tiles = (r1 - r0) * cols;
-  const int64_t plane = s.height * s.width, xi_stride = s.channels * tiles;
+  const int64_t plane = s.height * s.width, xi_stride = tiles;
   // lane j of permute b picks input column 2j + b of the chunk
   __m512i pick[4];
   for (int b = 0; b < 4; ++b) {
@@ -1433,7 +1439,7 @@ AVX512_TARGET void WinogradInput(const WinogradSpec& s, int64_t c0, int64_t c1, 
           const __m512 e[4] = {_mm512_sub_ps(d[0], d[2]), _mm512_add_ps(d[1], d[2]), _mm512_sub_ps(d[2], d[1]),
                                _mm512_sub_ps(d[1], d[3])};
           const __mmask16 store = static_cast<__mmask16>((1u << count) - 1u);
-          float* out = v + c * tiles + (r - r0) * cols + j0;
+          float* out = v + c * 16 * tiles + (r - r0) * cols + j0;
           for (int a = 0; a < 4; ++a) {
             const __m512 p0 = _mm512_permutexvar_ps(pick[0], e[a]), p1 = _mm512_permutexvar_ps(pick[1], e[a]);
             const __m512 p2 = _mm512_permutexvar_ps(pick[2], e[a]), p3 = _mm512_permutexvar_ps(pick[3], e[a]);
@@ -2002,6 +2008,10 @@ void RunWinogradConv(const WinogradSpec& s, const OrtKernelContext* ctx) {
   const int64_t rows = (s.out_h + 1) / 2, cols = (s.out_w + 1) / 2;
   const int64_t C = s.channels, M = s.out.M, P = s.out_h * s.out_w;
   if (M <= 0 || s.batch * rows * cols <= 0) return;
+  const int64_t groups = std::max<int64_t>(1, s.groups), cpg = C / groups, mpg = M / groups;
+  if (groups > 1 && (C % groups != 0 || M % groups != 0 || mpg % 16 != 0)) {
+    throw std::logic_error("RunWinogradConv: grouped, its groups' output channels must be multiples of 16");
+  }
   // Input channels per decoded and transformed weight chunk (its 32 KB stay in L1), and
   // tiles per task (their sums, 2 KB each, in L2).  Measured on 1 thread: 8 or 32
   // channels, 32 tiles, slower (256->256 on 14x14: 1.28 ms at 16 / 64, 1.45-1.54
@@ -2015,7 +2025,8 @@ void RunWinogradConv(const WinogradSpec& s, const OrtKernelContext* ctx) {
   const int64_t band_rows = std::max(chunk_rows, kWinogradInputFloats / (16 * C * cols) / chunk_rows * chunk_rows);
   auto first_column = [&](int64_t r) { return r / rows * P + std::min(s.out_h, 2 * (r % rows)) * s.out_w; };
   // One task: the tile rows [r0, r1) of a band starting at tile row `band` (v: its
-  // transformed input) for the output channels of `block`.  A task's outputs are a
+  // transformed input, [channel][xi][tile]: the 16 rows one channel's transform writes
+  // lie together) for the output channels of `block`.  A task's outputs are a
   // contiguous run of columns.
   auto run = [&](int64_t band, int64_t band_end, int64_t r0, int64_t r1, int64_t block, const float* v) {
     thread_local std::vector<float> raw_buf, u_buf, acc_buf, out_buf;
@@ -2027,14 +2038,22 @@ void RunWinogradConv(const WinogradSpec& s, const OrtKernelContext* ctx) {
     float* u = Scratch(u_buf, static_cast<size_t>(16 * kChannels * 32));
     float* acc = Scratch(acc_buf, static_cast<size_t>(nt * 16 * 32));    // [tile][xi][32]
     float* out = Scratch(out_buf, static_cast<size_t>((col1 - col0) * 32));  // [column][32]
-    for (int64_t c0 = 0; c0 < C; c0 += kChannels) {
-      const int64_t cc = std::min(kChannels, C - c0);
+    // the input channels of lanes 0-15 start at channel c_lo, those of lanes 16-31
+    // v_half floats of v further on (a second group, if the block spans two)
+    const int64_t grp = co0 / mpg, c_lo = grp * cpg;
+    const int64_t v_half = (std::min(co0 + 16, M - 1) / mpg - grp) * cpg * 16 * band_tiles;
+    for (int64_t c0 = 0; c0 < cpg; c0 += kChannels) {
+      const int64_t cc = std::min(kChannels, cpg - c0);
       PackWeightPanels(*s.out.w, s.out.row0 + co0, 0, live, c0 * 9, cc * 9, 32, raw);
       WinogradWeights(raw, cc, u);
       for (int64_t xi = 0; xi < 16; xi += 2) {
         for (int64_t t = 0; t < nt; t += 4) {
-          WinogradKernelAny(std::min<int64_t>(4, nt - t), cc, u + xi * 32, v + (xi * C + c0) * band_tiles + t0 + t,
-                            C * band_tiles, band_tiles, acc + (t * 16 + xi) * 32, c0 == 0);
+          const int64_t rt = std::min<int64_t>(4, nt - t);
+          const float* vt = v + ((c_lo + c0) * 16 + xi) * band_tiles + t0 + t;
+          float* at = acc + (t * 16 + xi) * 32;
+          v_half != 0
+              ? WinogradKernelAny<true>(rt, cc, u + xi * 32, vt, band_tiles, 16 * band_tiles, v_half, at, c0 == 0)
+              : WinogradKernelAny<false>(rt, cc, u + xi * 32, vt, band_tiles, 16 * band_tiles, 0, at, c0 == 0);
         }
       }
     }

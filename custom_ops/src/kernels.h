@@ -126,8 +126,8 @@ inline constexpr int64_t kLaneColumns = 16;
 inline constexpr int64_t kLaneRows = 16;  // output channels per task
 void RunLaneGemm(const PixelGemmSpec& spec, int64_t columns, const OrtKernelContext* ctx);
 
-// Winograd F(2x2, 3x3) convolution (AVX-512): a 2-D 3x3 convolution with stride 1,
-// dilation 1 and one group, y = act(bias + add + conv(x, w)) in NCHW.  The input is
+// Winograd F(2x2, 3x3) convolution (AVX-512): a 2-D 3x3 convolution with stride 1 and
+// dilation 1, y = act(bias + add + conv(x, w)) in NCHW.  The input is
 // cut into overlapping 4x4 tiles that give 2x2 outputs each, so a tile and channel
 // pair costs 16 multiply-adds instead of 36; 32 output channels run in the vector
 // lanes, their weights decoded and transformed 16 input channels at a time.
@@ -136,9 +136,13 @@ struct WinogradSpec {
   int64_t batch = 0, channels = 0, height = 0, width = 0;
   int64_t pad_top = 0, pad_left = 0, out_h = 0, out_w = 0;
   int64_t threads = 1;  // threads of the pool, as far as known
-  // The weight (w; M: the output channels), bias, add, act, and where y goes, as for
-  // RunPixelGemm's C with col_div = out_h * out_w (b, tiles and groups unused).
+  // The weight (w; M: all output channels, row r of w is output channel row0 + r),
+  // bias, add, act, and where y goes, as for RunPixelGemm's C with col_div = out_h *
+  // out_w (b, tiles and groups unused).
   PixelGemmSpec out;
+  // Groups: channels / groups input channels each, and out.M / groups output channels,
+  // which must be a multiple of 16 (half a vector pair).
+  int64_t groups = 1;
 };
 // AVX-512 and not ONNX_CODEBOOK_WINOGRAD=0.
 bool HasWinograd();
