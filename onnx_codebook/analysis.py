@@ -188,12 +188,13 @@ def inspect_model(model: onnx.ModelProto) -> dict:
     }
 
 
-_FUSED_ONLY_ATTRS = ("bits", "weight_shape", "group_size", "activation", "activation_min", "activation_max")
+_FUSED_ONLY_ATTRS = ("bits", "weight_shape", "group_size", "activation", "activation_min", "activation_max",
+                     "activation_alpha", "activation_beta")
 
 
 def _plain_nodes(node: onnx.NodeProto, weight: str, opset: int) -> list[onnx.NodeProto]:
     """The standard op for a fused node with its decoded weight, followed by its
-    epilogue as plain ops: Add of the residual Z, then Relu or Clip."""
+    epilogue as plain ops: Add of the residual Z, then the activation."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     bias = [i for i in node.input[3:4] if i]
     residual = node.input[4] if len(node.input) > 4 and node.input[4] else ""
@@ -209,8 +210,8 @@ def _plain_nodes(node: onnx.NodeProto, weight: str, opset: int) -> list[onnx.Nod
         name = f"{node.name or out}/{step}"
         if step == "Add":
             nodes.append(onnx.helper.make_node("Add", [cur, residual], [nxt], name=name))
-        elif step == "Relu":
-            nodes.append(onnx.helper.make_node("Relu", [cur], [nxt], name=name))
+        elif step != "Clip":
+            nodes.extend(_activation_nodes(step, attrs, cur, nxt, name, opset))
         elif opset < 11:  # Clip with min / max attributes
             nodes.append(onnx.helper.make_node("Clip", [cur], [nxt], name=name,
                                                min=float(attrs.get("activation_min", -np.inf)),
@@ -224,6 +225,30 @@ def _plain_nodes(node: onnx.NodeProto, weight: str, opset: int) -> list[onnx.Nod
             nodes.append(onnx.helper.make_node("Clip", [cur, lo, hi], [nxt], name=name))
         cur = nxt
     return nodes
+
+
+def _activation_nodes(activation: str, attrs: dict, x: str, y: str, name: str, opset: int) -> list[onnx.NodeProto]:
+    """y = activation(x) as plain ops, for every fused activation but Clip."""
+    alpha, beta = attrs.get("activation_alpha"), attrs.get("activation_beta")
+    make = onnx.helper.make_node
+    if activation in ("Relu", "Sigmoid", "Tanh"):
+        return [make(activation, [x], [y], name=name)]
+    if activation == "LeakyRelu":
+        return [make("LeakyRelu", [x], [y], name=name, alpha=float(0.01 if alpha is None else alpha))]
+    if activation == "HardSigmoid":
+        return [make("HardSigmoid", [x], [y], name=name, alpha=float(0.2 if alpha is None else alpha),
+                     beta=float(0.5 if beta is None else beta))]
+    if activation == "HardSwish":
+        alpha = float(np.float32(1 / 6) if alpha is None else alpha)
+        beta = float(0.5 if beta is None else beta)
+        if opset >= 14 and np.float32(alpha) == np.float32(1 / 6) and np.float32(beta) == np.float32(0.5):
+            return [make("HardSwish", [x], [y], name=name)]
+        gate = f"{name}/gate"
+        return [make("HardSigmoid", [x], [gate], name=gate, alpha=alpha, beta=beta), make("Mul", [x, gate], [y], name=name)]
+    if activation == "Silu":
+        gate = f"{name}/gate"
+        return [make("Sigmoid", [x], [gate], name=gate), make("Mul", [x, gate], [y], name=name)]
+    raise ValueError(f"unknown fused activation {activation!r}")
 
 
 def decompress_model(model: onnx.ModelProto) -> onnx.ModelProto:

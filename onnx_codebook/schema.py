@@ -54,12 +54,17 @@ Common attributes: ``bits`` (int, 1..8), ``weight_shape`` (ints), ``group_size``
   such nodes in the standard format).
 
 Fused epilogue (optional, all four ops): ``activation`` (string, default "")
-is "", "Relu" or "Clip"; with "Clip", ``activation_min`` / ``activation_max``
-(floats) are the bounds.  ``CodebookConv`` also takes an optional 5th input
-``Z`` of the output's shape (a residual), so that
+is one of ``ACTIVATIONS``, as the ONNX op of that name: "Clip" with the float
+bounds ``activation_min`` / ``activation_max``; "LeakyRelu" with
+``activation_alpha`` (default 0.01); "HardSigmoid" with ``activation_alpha`` /
+``activation_beta`` (0.2 / 0.5); "HardSwish" is ``y * HardSigmoid(y)`` with
+``activation_alpha`` / ``activation_beta`` (1/6 / 0.5, ONNX HardSwish); "Silu" is
+``y * Sigmoid(y)`` (SiLU / Swish).  ``CodebookConv`` also takes an optional 5th
+input ``Z`` of the output's shape (a residual), so that
 ``Y = activation(Conv(X, W) + B + Z)``.  The rewrite folds a following
-``Add`` (residual) and ``Relu`` / ``Clip`` into the op when nothing else reads
-the intermediate tensors.
+``Add`` (residual) and activation (or ``Mul(y, Sigmoid(y))`` /
+``Mul(y, HardSigmoid(y))``) into the op when nothing else reads the
+intermediate tensors.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 GRANULARITIES = ("tensor", "channel", "group")
 MIN_BITS, MAX_BITS = 1, 8
 
-ACTIVATIONS = ("", "Relu", "Clip")
+ACTIVATIONS = ("", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Silu")
 
 # Metadata key under which compress records per-layer settings (JSON).
 METADATA_KEY = "onnx_codebook.layers"

@@ -97,6 +97,12 @@ def fused_attrs(bits, shape, group_size):
     return {"bits": bits, "weight_shape": list(shape), "group_size": group_size}
 
 
+# Every activation the fused epilogue applies, and the attributes the tests give them
+# (non-default, so that reading them is tested too).
+ACTIVATIONS = ["Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Silu"]
+LEAKY_ALPHA, HARD_SIGMOID = 0.15, (0.3, 0.45)
+
+
 def epilogue_attrs(activation, bounds):
     """Fused epilogue attributes (none for the default, no activation)."""
     if not activation:
@@ -104,11 +110,15 @@ def epilogue_attrs(activation, bounds):
     attrs = {"activation": activation}
     if activation == "Clip":
         attrs["activation_min"], attrs["activation_max"] = bounds
+    elif activation == "LeakyRelu":
+        attrs["activation_alpha"] = LEAKY_ALPHA
+    elif activation == "HardSigmoid":
+        attrs["activation_alpha"], attrs["activation_beta"] = HARD_SIGMOID
     return attrs
 
 
 def plain_epilogue(node, activation, bounds, residual):
-    """`node` (writing "y") followed by Add(z) and Relu / Clip(min, max) as plain ops; (nodes, initializers)."""
+    """`node` (writing "y") followed by Add(z) and the activation as plain ONNX ops; (nodes, initializers)."""
     nodes, inits, out = [node], [], "y"
     if not residual and not activation:
         return nodes, inits
@@ -117,12 +127,18 @@ def plain_epilogue(node, activation, bounds, residual):
     if residual:
         nodes.append(helper.make_node("Add", [cur, "z"], ["y1" if activation else out]))
         cur = "y1"
-    if activation == "Relu":
-        nodes.append(helper.make_node("Relu", [cur], [out]))
-    elif activation == "Clip":
+    if activation == "Clip":
         inits = [numpy_helper.from_array(np.float32(bounds[0]), "clip_lo"),
                  numpy_helper.from_array(np.float32(bounds[1]), "clip_hi")]
         nodes.append(helper.make_node("Clip", [cur, "clip_lo", "clip_hi"], [out]))
+    elif activation == "LeakyRelu":
+        nodes.append(helper.make_node("LeakyRelu", [cur], [out], alpha=LEAKY_ALPHA))
+    elif activation == "HardSigmoid":
+        nodes.append(helper.make_node("HardSigmoid", [cur], [out], alpha=HARD_SIGMOID[0], beta=HARD_SIGMOID[1]))
+    elif activation == "Silu":
+        nodes += [helper.make_node("Sigmoid", [cur], ["gate"]), helper.make_node("Mul", [cur, "gate"], [out])]
+    elif activation:  # Relu, Sigmoid, Tanh, HardSwish
+        nodes.append(helper.make_node(activation, [cur], [out]))
     return nodes, inits
 
 
@@ -131,7 +147,7 @@ def plain_epilogue(node, activation, bounds, residual):
 
 def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, kernel=None, stride=None,
               dilation=None, pads=None, auto_pad=None, bias=None, bits=None, group_size=None, threads=1,
-              activation="", bounds=(-0.5, 0.75), residual=False, size=None, runs=1):
+              activation="", bounds=(-0.5, 0.75), residual=False, size=None, runs=1, z_scale=1.0):
     batch = batch or int(rng.integers(1, 3))
     group = group or int(rng.choice([1, 1, 2, 3]))
     cin = cin or group * int(rng.integers(1, 5))
@@ -173,7 +189,7 @@ def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, ke
                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], plain_inits,
                              fused=False), feeds)
     if residual:
-        feeds["z"] = rng.standard_normal(y_plain.shape).astype(np.float32)
+        feeds["z"] = (rng.standard_normal(y_plain.shape) * z_scale).astype(np.float32)
     plain_nodes, clip_inits = plain_epilogue(plain, activation, bounds, residual)
     compare(
         [fused],
@@ -517,7 +533,49 @@ def test_conv_epilogue_random(seed):
               threads=1 + seed % 2, **kwargs)
 
 
-@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+# Geometries that reach each kernel's own store of the epilogue: blocked GEMM, lane
+# GEMM (16 columns), pixel-major, Winograd, depthwise 16 channels at a time and plane
+# by plane.
+EPILOGUE_PATHS = {
+    "blocked-1x1": dict(batch=2, cin=40, cout=24, group=1, kernel=[1, 1], stride=[1, 1], size=[12, 12]),
+    "lane-4x4": dict(batch=1, cin=48, cout=40, group=1, kernel=[3, 3], stride=[1, 1], size=[4, 4]),
+    "pixel-7x7": dict(batch=1, cin=32, cout=40, group=1, kernel=[3, 3], stride=[2, 2], size=[13, 13]),
+    "winograd": dict(batch=1, cin=32, cout=48, group=1, kernel=[3, 3], stride=[1, 1], size=[10, 10]),
+    "depthwise-channels": dict(batch=2, cin=24, cout=24, group=24, kernel=[3, 3], stride=[1, 1], size=[9, 9]),
+    "depthwise-planes": dict(batch=1, cin=4, cout=4, group=4, kernel=[3, 3], stride=[1, 1], size=[36, 36]),
+}
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("path", sorted(EPILOGUE_PATHS))
+def test_conv_activations(path, activation):
+    """Every activation on every store path: against the plain Conv, Add and the ONNX
+    activation op(s) (Sigmoid + Mul for Silu)."""
+    rng = np.random.default_rng(len(path) * 10 + len(activation))
+    conv_case(rng, **EPILOGUE_PATHS[path], dilation=[1, 1], pads=[1, 1, 1, 1], auto_pad="NOTSET", bits=4,
+              group_size=1, bias=True, activation=activation, bounds=(-0.25, 0.5), residual=True,
+              threads=1 + len(activation) % 2)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gemm_and_conv_transpose_activations(activation):
+    rng = np.random.default_rng(len(activation))
+    gemm_case(rng, M=7, K=90, N=35, trans_a=False, trans_b=True, alpha=0.5, beta=1.0, c_shape=(35,), bits=4,
+              group_size=1, threads=2, activation=activation)
+    conv_transpose_case(rng, cin=16, cout=8, group=1, kernel=[3, 3], stride=[2, 2], activation=activation)
+
+
+def test_activation_extremes():
+    """Sums far outside the activations' working range (|y| up to about 3e4)
+    saturate as onnxruntime's own ops do, with no NaN."""
+    rng = np.random.default_rng(0)
+    for activation in ACTIVATIONS:
+        conv_case(rng, batch=1, cin=16, cout=16, group=1, kernel=[1, 1], stride=[1, 1], dilation=[1, 1],
+                  pads=[0] * 4, auto_pad="NOTSET", bits=4, group_size=1, bias=True, activation=activation,
+                  residual=True, size=[6, 6], z_scale=1e4)
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Clip", "Silu", "LeakyRelu"])
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_conv_epilogue_large(activation, kernel):
     # several 256-deep reduction blocks: the epilogue must act on the last one only
@@ -537,9 +595,11 @@ def fused_conv_model(attrs, x_shape, residual_shape=None):
                       codebook_inits(codebook, indices, 4), fused=True)
 
 
-@pytest.mark.parametrize("activation", ["relu", "Sigmoid", "LeakyRelu"])
-def test_unknown_activation_fails_at_session_creation(activation):
-    model = fused_conv_model({"activation": activation}, (1, 3, 8, 8))
+@pytest.mark.parametrize("attrs", [{"activation": "relu"}, {"activation": "Swish"}, {"activation": "Gelu"},
+                                   {"activation": "LeakyRelu", "activation_alpha": float("nan")},
+                                   {"activation": "HardSigmoid", "activation_beta": float("nan")}])
+def test_unknown_activation_fails_at_session_creation(attrs):
+    model = fused_conv_model(attrs, (1, 3, 8, 8))
     options = ops.session_options(True, 1)
     with pytest.raises(Exception, match=f"{schema.CODEBOOK_CONV}.*activation"):
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -956,6 +1016,9 @@ def test_fallback_kernels_in_subprocess(kernels):
         "    t.conv_case(np.random.default_rng(seed), cin=4, cout=4, group=4, kernel=[3, 3],\n"
         "                activation=['Relu', 'Clip'][seed % 2], residual=True)\n"
         "    t.conv_case(np.random.default_rng(seed), activation='Clip', residual=bool(seed % 2))\n"
+        "    for activation in t.ACTIVATIONS[seed % 2::2]:\n"
+        "        t.conv_case(np.random.default_rng(seed), batch=2, cin=12, cout=12, group=[1, 12][seed % 2],\n"
+        "                    kernel=[3, 3], stride=[1, 1], dilation=[1, 1], activation=activation, residual=True)\n"
         "    t.gemm_case(np.random.default_rng(seed), M=1 + seed * 3, K=77, N=33, trans_a=bool(seed % 2),\n"
         "                trans_b=bool(seed % 3), alpha=0.5, beta=1.0, c_shape=(33,), bits=1 + seed, group_size=2,\n"
         "                activation=['', 'Relu', 'Clip'][seed % 3])\n"

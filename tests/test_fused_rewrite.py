@@ -163,6 +163,75 @@ def test_epilogue_folded_and_unfolded(opset, bounds):
     _close(_run(fused, feeds), _run(plain, feeds))
 
 
+def _activation_graph(activation, gemm=False, opset=17):
+    """X -> Conv 16->24 3x3 (or Gemm 64->40) -> the activation as an exporter writes it -> Y."""
+    from conftest import helper, init, make_model, randn
+
+    rng = np.random.default_rng(len(activation))
+    if gemm:
+        inits = [init("W", randn(rng, 64, 40)), init("B", randn(rng, 40))]
+        first = helper.make_node("Gemm", ["X", "W", "B"], ["y"], name="gemm")
+        shapes = [("X", [3, 64])], [("Y", [3, 40])]
+    else:
+        inits = [init("W", randn(rng, 24, 16, 3, 3, scale=0.3)), init("B", randn(rng, 24))]
+        first = helper.make_node("Conv", ["X", "W", "B"], ["y"], name="conv", pads=[1] * 4, kernel_shape=[3, 3])
+        shapes = [("X", [2, 16, 7, 7])], [("Y", [2, 24, 7, 7])]
+    make = helper.make_node
+    after = {
+        "LeakyRelu": [make("LeakyRelu", ["y"], ["Y"], alpha=0.2)],
+        "Sigmoid": [make("Sigmoid", ["y"], ["Y"])],
+        "Tanh": [make("Tanh", ["y"], ["Y"])],
+        "HardSigmoid": [make("HardSigmoid", ["y"], ["Y"], alpha=0.25, beta=0.4)],
+        "HardSwish": [make("HardSwish", ["y"], ["Y"])],
+        # SiLU as torch.onnx.export writes nn.SiLU, and with the Mul's inputs swapped
+        "Silu": [make("Sigmoid", ["y"], ["s"]), make("Mul", ["y", "s"], ["Y"])],
+        "Silu-swapped": [make("Sigmoid", ["y"], ["s"]), make("Mul", ["s", "y"], ["Y"])],
+        # HardSwish as exporters write it before opset 14
+        "HardSigmoid+Mul": [make("HardSigmoid", ["y"], ["s"], alpha=1 / 6, beta=0.5), make("Mul", ["y", "s"], ["Y"])],
+    }[activation]
+    return make_model([first] + after, *shapes, inits, opset=opset), rng
+
+
+FOLDED = {"LeakyRelu": "LeakyRelu", "Sigmoid": "Sigmoid", "Tanh": "Tanh", "HardSigmoid": "HardSigmoid",
+          "HardSwish": "HardSwish", "Silu": "Silu", "Silu-swapped": "Silu", "HardSigmoid+Mul": "HardSwish"}
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+@pytest.mark.parametrize("activation", sorted(FOLDED))
+def test_activations_fold_into_the_fused_op(activation, gemm):
+    # The activation (or the gated Mul(y, Sigmoid(y)) / Mul(y, HardSigmoid(y))) folds
+    # into the fused op; the fused model equals both the standard format and the
+    # decompressed one, in which decompress wrote the activation out as plain ops again.
+    model, rng = _activation_graph(activation, gemm, opset=13 if activation == "HardSigmoid+Mul" else 17)
+    fused = oc.compress(model, format="fused", bits=4, granularity="channel", min_elements=0)
+    assert [n.op_type for n in fused.graph.node] == ["CodebookGemm" if gemm else "CodebookConv"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in fused.graph.node[0].attribute}
+    assert attrs["activation"].decode() == FOLDED[activation]
+    feeds = feeds_for(model, rng)
+    standard = oc.compress(model, bits=4, granularity="channel", min_elements=0)
+    _close(_run(standard, feeds), _run(fused, feeds))
+    plain = oc.decompress(fused)
+    onnx.checker.check_model(plain, full_check=True)
+    _close(_run(fused, feeds), _run(plain, feeds))
+
+
+def test_gated_activation_stays_when_its_input_is_read_elsewhere():
+    # Mul(y, Sigmoid(y)) folds only when nothing else reads y or the gate
+    from conftest import helper, init, make_model, randn
+
+    rng = np.random.default_rng(0)
+    make = helper.make_node
+    nodes = [make("Conv", ["X", "W"], ["y"], name="conv", pads=[1] * 4, kernel_shape=[3, 3]),
+             make("Sigmoid", ["y"], ["s"]), make("Mul", ["y", "s"], ["m"]), make("Add", ["m", "s"], ["Y"])]
+    model = make_model(nodes, [("X", [1, 16, 6, 6])], [("Y", [1, 16, 6, 6])], [init("W", randn(rng, 16, 16, 3, 3))],
+                       opset=17)
+    fused = oc.compress(model, format="fused", bits=4, min_elements=0)
+    assert [n.op_type for n in fused.graph.node] == ["CodebookConv", "Sigmoid", "Mul", "Add"]
+    assert not any(a.name == "activation" for a in fused.graph.node[0].attribute)
+    feeds = feeds_for(model, rng)
+    _close(_run(oc.decompress(fused), feeds), _run(fused, feeds))
+
+
 def test_float16_model_keeps_the_standard_decode():
     # the kernels compute in float32: a float16 model's layers keep Cast + Gather in
     # the fused format (onnxruntime would reject a float16 input to the fused op)

@@ -112,7 +112,7 @@ void ConvTransposeKernel::Compute(OrtKernelContext* context) {
 
   const int64_t rows = cout_g * taps;
   auto finish = [&] {  // the activation, once every tap has been added
-    if (!act_.clamp) return;
+    if (!act_.Active()) return;
     for_planes(0, planes, [&](int64_t q) {
       float* plane = y + q * out_plane;
       for (int64_t p = 0; p < out_plane; ++p) plane[p] = act_.Apply(plane[p]);

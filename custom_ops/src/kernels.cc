@@ -125,6 +125,111 @@ void MicroKernelPortable(int64_t kc, const float* a, const float* b, int64_t ldb
 // ---------------------------------------------------------------- AVX2 code
 #if ONNX_CODEBOOK_X86
 
+// ---- the epilogue's activation on a vector (Epilogue::Apply lane by lane)
+//
+// exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by its Taylor
+// polynomial of degree 6 (relative error below 2e-7).  x is first clamped to
+// [-87, 88], where 2^n stays a normal float; max(lo, x) / min(hi, x) keep a NaN x.
+
+constexpr float kExpLo = -87.f, kExpHi = 88.f, kLog2e = 1.44269504f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 = kLn2Hi + kLn2Lo
+constexpr float kExpC[7] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720};
+
+AVX2_TARGET inline __m256 ExpAvx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpC[6]);
+  for (int i = 5; i >= 0; --i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC[i]));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AVX2_TARGET inline __m256 ActivateAvx2(const Epilogue& a, __m256 v) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  switch (a.kind) {
+    case Activation::kNone: return v;
+    case Activation::kClamp: return _mm256_min_ps(_mm256_set1_ps(a.hi), _mm256_max_ps(_mm256_set1_ps(a.lo), v));
+    case Activation::kLeakyRelu: return _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(a.alpha)), v);
+    case Activation::kSigmoid:
+      return _mm256_div_ps(one, _mm256_add_ps(one, ExpAvx2(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+    case Activation::kTanh: {  // 2 / (1 + exp(-2v)) - 1
+      const __m256 e = ExpAvx2(_mm256_mul_ps(v, _mm256_set1_ps(-2.f)));
+      return _mm256_sub_ps(_mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(one, e)), one);
+    }
+    case Activation::kHardSigmoid:
+    case Activation::kHardSwish: {
+      const __m256 h = _mm256_min_ps(one, _mm256_max_ps(_mm256_setzero_ps(),
+                                                        _mm256_fmadd_ps(v, _mm256_set1_ps(a.alpha), _mm256_set1_ps(a.beta))));
+      return a.kind == Activation::kHardSwish ? _mm256_mul_ps(v, h) : h;
+    }
+    case Activation::kSilu:
+      return _mm256_div_ps(v, _mm256_add_ps(one, ExpAvx2(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+  }
+  return v;
+}
+
+AVX512_TARGET inline __m512 ExpAvx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(kExpHi), _mm512_max_ps(_mm512_set1_ps(kExpLo), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpC[6]);
+  for (int i = 5; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC[i]));
+  return _mm512_scalef_ps(p, n);
+}
+
+AVX512_TARGET inline __m512 ActivateAvx512(const Epilogue& a, __m512 v) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  switch (a.kind) {
+    case Activation::kNone: return v;
+    case Activation::kClamp: return _mm512_min_ps(_mm512_set1_ps(a.hi), _mm512_max_ps(_mm512_set1_ps(a.lo), v));
+    case Activation::kLeakyRelu:
+      return _mm512_mask_mul_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v, _mm512_set1_ps(a.alpha));
+    case Activation::kSigmoid:
+      return _mm512_div_ps(one, _mm512_add_ps(one, ExpAvx512(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    case Activation::kTanh: {  // 2 / (1 + exp(-2v)) - 1
+      const __m512 e = ExpAvx512(_mm512_mul_ps(v, _mm512_set1_ps(-2.f)));
+      return _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, e)), one);
+    }
+    case Activation::kHardSigmoid:
+    case Activation::kHardSwish: {
+      const __m512 h = _mm512_min_ps(one, _mm512_max_ps(_mm512_setzero_ps(),
+                                                        _mm512_fmadd_ps(v, _mm512_set1_ps(a.alpha), _mm512_set1_ps(a.beta))));
+      return a.kind == Activation::kHardSwish ? _mm512_mul_ps(v, h) : h;
+    }
+    case Activation::kSilu:
+      return _mm512_div_ps(v, _mm512_add_ps(one, ExpAvx512(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+  }
+  return v;
+}
+
+// An epilogue's activation made once per loop (Relu / Clip bounds in registers).
+struct Activate256 {
+  const Epilogue* e;
+  __m256 lo, hi;
+  AVX2_TARGET explicit Activate256(const Epilogue& a)
+      : e(&a), lo(_mm256_set1_ps(a.lo)), hi(_mm256_set1_ps(a.hi)) {}
+  AVX2_TARGET __m256 operator()(__m256 v) const {
+    if (e->kind == Activation::kNone) return v;
+    if (e->kind == Activation::kClamp) return _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+    return ActivateAvx2(*e, v);
+  }
+};
+
+struct Activate512 {
+  const Epilogue* e;
+  __m512 lo, hi;
+  AVX512_TARGET explicit Activate512(const Epilogue& a)
+      : e(&a), lo(_mm512_set1_ps(a.lo)), hi(_mm512_set1_ps(a.hi)) {}
+  AVX512_TARGET __m512 operator()(__m512 v) const {
+    if (e->kind == Activation::kNone) return v;
+    if (e->kind == Activation::kClamp) return _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+    return ActivateAvx512(*e, v);
+  }
+};
+
 enum class LutKind { kPermute8, kPermute16, kGather };
 
 LutKind KindOf(const CodebookWeight& w) {
@@ -275,8 +380,8 @@ AVX2_TARGET void MicroKernelAvx2(int64_t kc, const float* a, const float* b, int
   if (tile == nullptr) {  // write into C
     const __m256 al = _mm256_set1_ps(st.alpha);
     const __m256 acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
-    const bool clamp = st.last && st.act->clamp;
-    const __m256 lo = _mm256_set1_ps(st.act->lo), hi = _mm256_set1_ps(st.act->hi);
+    const bool last = st.last && st.act->Active();
+    const Activate256 activate(*st.act);
     for (int i = 0; i < 6; ++i) {
       float* row = st.c + i * st.ldc;
       __m256 c0, c1;
@@ -293,9 +398,9 @@ AVX2_TARGET void MicroKernelAvx2(int64_t kc, const float* a, const float* b, int
       }
       __m256 v0 = _mm256_fmadd_ps(al, acc[2 * i], c0);
       __m256 v1 = _mm256_fmadd_ps(al, acc[2 * i + 1], c1);
-      if (clamp) {
-        v0 = _mm256_min_ps(hi, _mm256_max_ps(lo, v0));
-        v1 = _mm256_min_ps(hi, _mm256_max_ps(lo, v1));
+      if (last) {
+        v0 = activate(v0);
+        v1 = activate(v1);
       }
       _mm256_storeu_ps(row, v0);
       _mm256_storeu_ps(row + 8, v1);
@@ -400,8 +505,8 @@ AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b,
     return;
   }
   const __m512 al = _mm512_set1_ps(st.alpha);
-  const bool clamp = st.last && st.act->clamp;
-  const __m512 lo = _mm512_set1_ps(st.act->lo), hi = _mm512_set1_ps(st.act->hi);
+  const bool last = st.last && st.act->Active();
+  const Activate512 activate(*st.act);
   if (st.mr != R || st.nr != kNR || st.split != kNR) {
     // Columns [0, split) at c + j, [split, nr) at c + jump + j.
     const uint32_t live = st.nr >= 32 ? 0xFFFFFFFFu : (1u << st.nr) - 1u;
@@ -424,9 +529,9 @@ AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b,
       }
       __m512 v0 = _mm512_fmadd_ps(al, acc[i][0], c0);
       __m512 v1 = _mm512_fmadd_ps(al, acc[i][1], c1);
-      if (clamp) {
-        v0 = _mm512_min_ps(hi, _mm512_max_ps(lo, v0));
-        v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));
+      if (last) {
+        v0 = activate(v0);
+        v1 = activate(v1);
       }
       if (n0) _mm512_mask_storeu_ps(row, n0, v0);
       if (n1) _mm512_mask_storeu_ps(row + 16, n1, v1);
@@ -451,9 +556,9 @@ AVX512_TARGET void MicroKernelAvx512(int64_t kc, const float* a, const float* b,
     }
     __m512 v0 = _mm512_fmadd_ps(al, acc[i][0], c0);
     __m512 v1 = _mm512_fmadd_ps(al, acc[i][1], c1);
-    if (clamp) {
-      v0 = _mm512_min_ps(hi, _mm512_max_ps(lo, v0));
-      v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));
+    if (last) {
+      v0 = activate(v0);
+      v1 = activate(v1);
     }
     _mm512_storeu_ps(row, v0);
     _mm512_storeu_ps(row + 16, v1);
@@ -539,7 +644,7 @@ AVX2_TARGET void DepthwiseRowsAvx2(const DepthwisePlan& d, const float* phases, 
                                    const int64_t* offsets, float bias, const float* z, const Epilogue& act, float* y) {
   alignas(32) float tmp[8];
   const __m256 vb = _mm256_set1_ps(bias);
-  const __m256 lo = _mm256_set1_ps(act.lo), hi = _mm256_set1_ps(act.hi);
+  const Activate256 activate(act);
   const int64_t ntaps = d.kh * d.kw;
   for (int64_t oh = 0; oh < d.out_h; ++oh) {
     float* yrow = y + oh * d.out_w;
@@ -558,7 +663,7 @@ AVX2_TARGET void DepthwiseRowsAvx2(const DepthwisePlan& d, const float* phases, 
       const int64_t live = std::min<int64_t>(8, d.out_w - ow0);
       if (live == 8) {
         if (zrow) acc = _mm256_add_ps(acc, _mm256_loadu_ps(zrow + ow0));
-        if (act.clamp) acc = _mm256_min_ps(hi, _mm256_max_ps(lo, acc));
+        acc = activate(acc);
         _mm256_storeu_ps(yrow + ow0, acc);
       } else {
         _mm256_store_ps(tmp, acc);
@@ -576,7 +681,7 @@ template <int R>
 AVX512_TARGET inline void DepthwiseRowBlockAvx512(const DepthwisePlan& d, const float* phases, const float* taps,
                                                   const int64_t* offsets, __m512 vb, const float* z,
                                                   const Epilogue& act, float* y, int64_t oh) {
-  const __m512 lo = _mm512_set1_ps(act.lo), hi = _mm512_set1_ps(act.hi);
+  const Activate512 activate(act);
   const int64_t ntaps = d.kh * d.kw, row_step = d.sh * d.phase_w;
   const float* base = phases + oh * row_step;
   for (int64_t ow0 = 0; ow0 < d.out_w; ow0 += 16) {
@@ -608,7 +713,7 @@ AVX512_TARGET inline void DepthwiseRowBlockAvx512(const DepthwisePlan& d, const 
       const int64_t at = (oh + r) * d.out_w + ow0;
       __m512 v = acc[r];
       if (z) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, z + at));
-      if (act.clamp) v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+      v = activate(v);
       _mm512_mask_storeu_ps(y + at, mask, v);
     }
   }
@@ -877,7 +982,7 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
       }
     }
   }
-  const __m512 lo = _mm512_set1_ps(act.lo), hi = _mm512_set1_ps(act.hi);
+  const Activate512 activate(act);
   for (int64_t p = 0; p < out_plane; p += 16) {
     // 16 positions of 16 channels, transposed back to planes
     const int64_t n = std::min<int64_t>(16, out_plane - p);
@@ -890,7 +995,7 @@ AVX512_TARGET void DepthwiseChannelsAvx512(const DepthwisePlan& d, int64_t count
       const __mmask16 mc = c < count ? m : 0;
       __m512 o = v[c];
       if (z) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mc, z + c * out_plane + p));
-      if (act.clamp) o = _mm512_min_ps(hi, _mm512_max_ps(lo, o));
+      o = activate(o);
       _mm512_mask_storeu_ps(y + c * out_plane + p, mc, o);
     }
   }
@@ -1267,7 +1372,7 @@ AVX512_TARGET void LaneTask(const PixelGemmSpec& s, const float* b, int64_t row0
 // column col of C is lane col; the lanes of one image are packed down and stored.
 AVX512_TARGET void StoreLaneRows(const PixelGemmSpec& s, const float* acc, int64_t row0, int64_t rows,
                                  int64_t columns) {
-  const __m512 lo = _mm512_set1_ps(s.act.lo), hi = _mm512_set1_ps(s.act.hi);
+  const Activate512 activate(s.act);
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t row = row0 + i;
     __m512 v = _mm512_loadu_ps(acc + i * 16);
@@ -1278,7 +1383,7 @@ AVX512_TARGET void StoreLaneRows(const PixelGemmSpec& s, const float* acc, int64
       const int64_t at = row * s.row_stride + (col / s.col_div) * s.col_outer + within;
       __m512 o = _mm512_maskz_compress_ps(static_cast<__mmask16>(mask << col), v);
       if (s.add) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, s.add + at));
-      if (s.act.clamp) o = _mm512_min_ps(hi, _mm512_max_ps(lo, o));
+      o = activate(o);
       _mm512_mask_storeu_ps(s.c + at, mask, o);
       col += n;
     }
@@ -1289,7 +1394,7 @@ AVX512_TARGET void StoreLaneRows(const PixelGemmSpec& s, const float* acc, int64
 // [col0, col1): 16 columns of one image by 16 channels at a time, transposed in registers.
 AVX512_TARGET void StorePixelBlock(const PixelGemmSpec& s, const float* acc, int64_t i0, int64_t rows, int64_t col0,
                                    int64_t col1) {
-  const __m512 lo = _mm512_set1_ps(s.act.lo), hi = _mm512_set1_ps(s.act.hi);
+  const Activate512 activate(s.act);
   __m512 v[16];
   for (int64_t col = col0; col < col1;) {
     const int64_t within = col % s.col_div;
@@ -1305,7 +1410,7 @@ AVX512_TARGET void StorePixelBlock(const PixelGemmSpec& s, const float* acc, int
         if (s.bias) o = _mm512_add_ps(o, _mm512_set1_ps(s.bias[i0 + half + j]));
         const int64_t out = (i0 + half + j) * s.row_stride + at;
         if (s.add) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mask, s.add + out));
-        if (s.act.clamp) o = _mm512_min_ps(hi, _mm512_max_ps(lo, o));
+        o = activate(o);
         _mm512_mask_storeu_ps(s.c + out, mask, o);
       }
     }

@@ -59,17 +59,40 @@ std::string AttrString(const OrtKernelInfo* info, const char* name, const std::s
 Epilogue ReadEpilogue(const OrtKernelInfo* info, const std::string& op) {
   Epilogue e;
   const std::string activation = AttrString(info, "activation", "");
+  auto number = [&](const char* name, float fallback) {
+    const float v = AttrFloat(info, name, fallback);
+    if (std::isnan(v)) Fail(op, std::string(name) + " must not be NaN");
+    return v;
+  };
   if (activation.empty()) return e;
   if (activation == "Relu") {
-    e.clamp = true;
+    e.kind = Activation::kClamp;
     e.lo = 0.f;
-    return e;
+  } else if (activation == "Clip") {
+    e.kind = Activation::kClamp;
+    e.lo = number("activation_min", std::numeric_limits<float>::lowest());
+    e.hi = number("activation_max", std::numeric_limits<float>::max());
+  } else if (activation == "LeakyRelu") {
+    e.kind = Activation::kLeakyRelu;
+    e.alpha = number("activation_alpha", 0.01f);
+  } else if (activation == "Sigmoid") {
+    e.kind = Activation::kSigmoid;
+  } else if (activation == "Tanh") {
+    e.kind = Activation::kTanh;
+  } else if (activation == "HardSigmoid") {
+    e.kind = Activation::kHardSigmoid;
+    e.alpha = number("activation_alpha", 0.2f);
+    e.beta = number("activation_beta", 0.5f);
+  } else if (activation == "HardSwish") {
+    e.kind = Activation::kHardSwish;
+    e.alpha = number("activation_alpha", 1.f / 6.f);
+    e.beta = number("activation_beta", 0.5f);
+  } else if (activation == "Silu") {
+    e.kind = Activation::kSilu;
+  } else {
+    Fail(op, "unknown activation '" + activation +
+                 "' (expected \"\", Relu, Clip, LeakyRelu, Sigmoid, Tanh, HardSigmoid, HardSwish or Silu)");
   }
-  if (activation != "Clip") Fail(op, "unknown activation '" + activation + "' (expected \"\", \"Relu\" or \"Clip\")");
-  e.clamp = true;
-  e.lo = AttrFloat(info, "activation_min", std::numeric_limits<float>::lowest());
-  e.hi = AttrFloat(info, "activation_max", std::numeric_limits<float>::max());
-  if (std::isnan(e.lo) || std::isnan(e.hi)) Fail(op, "activation_min / activation_max must not be NaN");
   return e;
 }
 

@@ -8,6 +8,7 @@
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -84,17 +85,44 @@ enum class ChannelAxis { kFirst, kLast, kTransposedConv };
 CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& op,
                                   ChannelAxis axis, std::vector<int64_t>* weight_shape, int64_t conv_groups = 1);
 
-// Fused epilogue applied where an output element is finally written:
-// y = min(max(y, lo), hi) when `clamp` (Relu: lo = 0, hi = +inf; Clip: its bounds).
-struct Epilogue {
-  bool clamp = false;
-  float lo = -std::numeric_limits<float>::infinity();
-  float hi = std::numeric_limits<float>::infinity();
-  float Apply(float v) const { return clamp ? std::min(std::max(v, lo), hi) : v; }
+// The fused epilogue's activation, applied where an output element is finally written.
+enum class Activation {
+  kNone,
+  kClamp,        // min(max(y, lo), hi) (Relu: lo = 0, hi = +inf; Clip: its bounds)
+  kLeakyRelu,    // y < 0 ? alpha y : y
+  kSigmoid,      // 1 / (1 + exp(-y))
+  kTanh,         // tanh(y)
+  kHardSigmoid,  // max(0, min(1, alpha y + beta))
+  kHardSwish,    // y HardSigmoid(y) (ONNX HardSwish: alpha = 1/6, beta = 1/2)
+  kSilu,         // y Sigmoid(y) (SiLU / Swish: Mul(y, Sigmoid(y)) in ONNX)
 };
 
-// Reads `activation` ("", "Relu", "Clip") and `activation_min` / `activation_max`;
-// fails for an unknown activation or NaN bounds.
+struct Epilogue {
+  Activation kind = Activation::kNone;
+  float lo = -std::numeric_limits<float>::infinity();
+  float hi = std::numeric_limits<float>::infinity();
+  float alpha = 0.f, beta = 0.f;
+  bool Active() const { return kind != Activation::kNone; }
+  float Apply(float v) const {
+    switch (kind) {
+      case Activation::kNone: return v;
+      case Activation::kClamp: return std::min(std::max(v, lo), hi);
+      case Activation::kLeakyRelu: return v < 0.f ? alpha * v : v;
+      case Activation::kSigmoid: return 1.f / (1.f + std::exp(-v));
+      case Activation::kTanh: return std::tanh(v);
+      case Activation::kHardSigmoid: return std::max(0.f, std::min(1.f, alpha * v + beta));
+      case Activation::kHardSwish: return v * std::max(0.f, std::min(1.f, alpha * v + beta));
+      case Activation::kSilu: return v / (1.f + std::exp(-v));
+    }
+    return v;
+  }
+};
+
+// Reads `activation` ("", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid",
+// "HardSwish", "Silu") and its attributes (activation_min / activation_max for Clip,
+// activation_alpha for LeakyRelu, HardSigmoid and HardSwish, activation_beta for the
+// last two);
+// fails for an unknown activation or NaN attributes.
 Epilogue ReadEpilogue(const OrtKernelInfo* info, const std::string& op);
 
 // Input 3 of a convolution, the optional bias: its data, or null when absent; fails

@@ -12,7 +12,7 @@ from .common import NameScope, array_constant, lazy_constant
 
 # Spatial ranks of Conv the kernels implement (weight rank - 2).
 FUSED_CONV_SPATIAL = (1, 2)
-# Fold a following residual Add and Relu / Clip into the fused ops (schema: fused epilogue).
+# Fold a following residual Add and activation into the fused ops (schema: fused epilogue).
 FOLD_EPILOGUE = True
 
 
@@ -137,7 +137,9 @@ def _same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
 
 
 def fold_epilogue(graph: gs.Graph, fused: gs.Node) -> list[str]:
-    """Fold a following residual ``Add`` (CodebookConv only) and ``Relu`` / ``Clip`` into ``fused``.
+    """Fold a following residual ``Add`` (CodebookConv only) and activation into ``fused``:
+    Relu, Clip, LeakyRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, or the gated
+    ``Mul(y, Sigmoid(y))`` (SiLU) and ``Mul(y, HardSigmoid(y))`` (HardSwish).
 
     Only when nothing else reads the intermediate tensors and, for the residual,
     both addends are known to have the same shape.  Returns what was folded.
@@ -153,22 +155,68 @@ def fold_epilogue(graph: gs.Graph, fused: gs.Node) -> list[str]:
             while len(fused.inputs) < 4:
                 fused.inputs.append(gs.Variable.empty())
             fused.inputs.append(other)
-            fused.outputs[0] = nxt.outputs[0]
-            nxt.inputs.clear()
-            nxt.outputs.clear()
+            _bypass(fused, [nxt])
             folded.append("Add")
             y = fused.outputs[0]
             nxt = _single_consumer(y, outputs)
-    if nxt is not None and nxt.op in ("Relu", "Clip") and nxt.inputs and nxt.inputs[0] is y:
-        if nxt.op == "Relu":
-            fused.attrs["activation"] = "Relu"
-        else:
-            bounds = _clip_bounds(nxt)
-            if bounds is None:
-                return folded
-            fused.attrs.update(activation="Clip", activation_min=bounds[0], activation_max=bounds[1])
-        fused.outputs[0] = nxt.outputs[0]
-        nxt.inputs.clear()
-        nxt.outputs.clear()
+    if nxt is not None and nxt.op in _ONE_INPUT_ACTIVATIONS and nxt.inputs and nxt.inputs[0] is y:
+        attrs = _activation_attrs(nxt)
+        if attrs is None:
+            return folded
+        fused.attrs.update(attrs)
+        _bypass(fused, [nxt])
         folded.append(nxt.op)
+        return folded
+    gated = _gated_activation(y, outputs)
+    if gated is not None:
+        attrs, gate, mul = gated
+        fused.attrs.update(attrs)
+        _bypass(fused, [gate, mul])
+        folded.append(f"{gate.op}+Mul")
     return folded
+
+
+# ONNX activations on one input that the kernels apply as they store (schema: fused epilogue).
+_ONE_INPUT_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish")
+
+
+def _activation_attrs(node: gs.Node) -> dict | None:
+    """The fused-op attributes of activation ``node``, or None when they are not constants."""
+    if node.op == "Clip":
+        bounds = _clip_bounds(node)
+        return None if bounds is None else {"activation": "Clip", "activation_min": bounds[0],
+                                            "activation_max": bounds[1]}
+    if node.op == "LeakyRelu":
+        return {"activation": "LeakyRelu", "activation_alpha": float(node.attrs.get("alpha", 0.01))}
+    if node.op == "HardSigmoid":
+        return {"activation": "HardSigmoid", "activation_alpha": float(node.attrs.get("alpha", 0.2)),
+                "activation_beta": float(node.attrs.get("beta", 0.5))}
+    return {"activation": node.op}
+
+
+def _gated_activation(y: gs.Tensor, graph_outputs: set) -> tuple[dict, gs.Node, gs.Node] | None:
+    """``Mul(y, Sigmoid(y))`` (SiLU / Swish) or ``Mul(y, HardSigmoid(y))`` (HardSwish, as
+    exporters write it for opsets before 14): (attributes, gate node, Mul), when y and the
+    gate's output feed nothing else."""
+    if y.name in graph_outputs or len(y.outputs) != 2:
+        return None
+    gate = next((n for n in y.outputs if n.op in ("Sigmoid", "HardSigmoid") and n.inputs and n.inputs[0] is y), None)
+    if gate is None or len(gate.outputs) != 1:
+        return None
+    mul = _single_consumer(gate.outputs[0], graph_outputs)
+    if mul is None or mul.op != "Mul" or mul not in y.outputs or len(mul.inputs) != 2:
+        return None
+    if {id(t) for t in mul.inputs} != {id(y), id(gate.outputs[0])}:
+        return None
+    if gate.op == "Sigmoid":
+        return {"activation": "Silu"}, gate, mul
+    return {"activation": "HardSwish", "activation_alpha": float(gate.attrs.get("alpha", 0.2)),
+            "activation_beta": float(gate.attrs.get("beta", 0.5))}, gate, mul
+
+
+def _bypass(fused: gs.Node, nodes: list[gs.Node]) -> None:
+    """The fused op writes the last of ``nodes``' output; ``nodes`` are disconnected."""
+    fused.outputs[0] = nodes[-1].outputs[0]
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
