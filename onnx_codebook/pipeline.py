@@ -161,19 +161,27 @@ def plan_layer(layer: Layer, config: CompressConfig, available: int = 2,
         settings = LayerSettings(settings.bits, "tensor", settings.group_size, settings.method, settings.init)
     container = max(container_bits(settings.bits), available)
     itemsize = CODEBOOK_ITEMSIZE[config.codebook_dtype]
-    # Granularity is decided on exact-bit sizes, so both formats cluster a layer the same way.
+    # The group size is decided on exact-bit sizes, then coarsened further where the
+    # standard format's wider containers and channel offsets need it, in both formats:
+    # a layer is clustered the same way whichever format is asked for, so that the two
+    # give the same outputs.
     group_size, note = effective_group_size(layer.size, channels, settings, fmt="fused", codebook_itemsize=itemsize,
                                             weight_itemsize=layer.itemsize)
-    if fmt == "standard" and group_size:
-        # Containers wider than the bits and channel offsets change the sums: coarsen further if needed.
+    if group_size:
+        # (a fused layer is coarsened for the containers a standard model would get)
+        widths = container if fmt == "standard" else container_bits(settings.bits)
+
         def total(gsz):
             return footprint(layer.size, channels, settings.bits, gsz, 1 << settings.bits,
-                             codebook_itemsize=itemsize, container=container).total
+                             codebook_itemsize=itemsize, container=widths).total
         coarsened = group_size
         while total(coarsened) >= layer.nbytes and coarsened < channels:
             coarsened = min(coarsened * 2, channels)
         if total(coarsened) >= layer.nbytes:
-            group_size, note = 0, f"{settings.bits}-bit indices in {container}-bit containers would not make it smaller"
+            # the standard format leaves the layer alone; the fused one keeps its own groups
+            if fmt == "standard":
+                group_size = 0
+                note = f"{settings.bits}-bit indices in {container}-bit containers would not make it smaller"
         elif coarsened != group_size:
             group_size = coarsened
             note = f"groups of {coarsened} channels (a finer codebook would cost more than it saves)"

@@ -68,18 +68,24 @@ def skip_reasons(skipped: list[Skipped], shown: int = 3) -> str:
 
 
 def constants_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> int:
-    """Turn float ``Constant`` nodes that feed an eligible weight input into initializers.
+    """Turn float ``Constant`` nodes that feed an eligible weight input, the bias of such
+    an op, or the parameters of a ``BatchNormalization`` into initializers.
 
-    Some exporters (Paddle, some TF converters) hold weights in Constant nodes.
-    Works in place on every (sub)graph; returns how many were moved.
+    Some exporters (Paddle, some TF converters) hold weights in Constant nodes; the
+    biases and normalisation parameters must be initializers too for the normalisation
+    to fold into the weight.  Works in place on every (sub)graph; returns how many
+    were moved.
     """
     moved = 0
     for graph in iter_graphs(model.graph):
-        weight_inputs = {
-            n.input[WEIGHT_INPUT[n.op_type]]
-            for n in graph.node
-            if n.op_type in ops and n.domain in ("", "ai.onnx") and len(n.input) > WEIGHT_INPUT[n.op_type]
-        }
+        weight_inputs = set()
+        for n in graph.node:
+            if n.domain not in ("", "ai.onnx"):
+                continue
+            if n.op_type in ops and len(n.input) > WEIGHT_INPUT[n.op_type]:
+                weight_inputs.update(n.input[WEIGHT_INPUT[n.op_type]:WEIGHT_INPUT[n.op_type] + 2])
+            elif n.op_type == "BatchNormalization":
+                weight_inputs.update(n.input[1:5])
         keep = []
         for node in graph.node:
             value = [a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]

@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
 
+import onnx_codebook as oc
 from onnx_codebook.config import CompressConfig
 from onnx_codebook.errors import CodebookWarning, NoEligibleLayerError
 from onnx_codebook.pipeline import compress_model
@@ -57,6 +58,28 @@ def test_constant_nodes_become_initializers(rng):
              helper.make_node("Add", ["X", "k"], ["Y"])]
     other = make_model(nodes, [("X", [4])], [("Y", [4])])
     assert constants_to_initializers(other, OPS) == 0
+
+
+def test_normalisation_held_in_constant_nodes_folds(rng):
+    # Paddle exports hold the weight, the bias and BatchNormalization's parameters in
+    # Constant nodes: all become initializers, so the normalisation folds into the weight.
+    def const(name, array):
+        return helper.make_node("Constant", [], [name], name=f"c_{name}", value=init(name, array))
+
+    nodes = [const("W", randn(rng, 16, 8, 3, 3)), const("B", randn(rng, 16)),
+             const("scale", rng.uniform(0.5, 1.5, 16).astype(np.float32)), const("shift", randn(rng, 16)),
+             const("mean", randn(rng, 16)), const("var", rng.uniform(0.5, 1.5, 16).astype(np.float32)),
+             helper.make_node("Conv", ["X", "W", "B"], ["C"], name="conv", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["C", "scale", "shift", "mean", "var"], ["Y"], name="bn")]
+    model = make_model(nodes, [("X", [1, 8, 6, 6])], [("Y", [1, 16, 6, 6])], opset=13)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    assert constants_to_initializers(proto, OPS) == 6
+    out = oc.compress(model, bits=8, min_elements=0)
+    assert "BatchNormalization" not in [n.op_type for n in out.graph.node]
+    feeds = feeds_for(model, rng)
+    got, want = run(out, feeds)[0], run(model, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=0.02 * float(np.abs(want).max()))
 
 
 def test_identity_is_looked_through_and_shared_weights_grouped(rng):
