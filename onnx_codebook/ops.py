@@ -82,8 +82,9 @@ def uses_ops(model) -> bool:
     return walk(model.graph)
 
 
-def session(model, threads: int | None = None, providers=("CPUExecutionProvider",)):
-    """An onnxruntime InferenceSession for a ModelProto or a path, with the ops if needed."""
+def session(model, threads: int | None = None, providers=("CPUExecutionProvider",), quiet: bool = False):
+    """An onnxruntime InferenceSession for a ModelProto or a path, with the ops if needed
+    (``quiet``: onnxruntime logs errors only, not its warnings)."""
     import onnx
     import onnxruntime as ort
 
@@ -94,4 +95,6 @@ def session(model, threads: int | None = None, providers=("CPUExecutionProvider"
         proto = model
         source = model.SerializeToString()
     options = session_options(uses_ops(proto), threads)
+    if quiet:
+        options.log_severity_level = 3
     return ort.InferenceSession(source, sess_options=options, providers=list(providers))

@@ -420,7 +420,9 @@ def validate_model(model: onnx.ModelProto, *, needs_ops: bool, notes: list[str])
             notes.append(f"fused model not run: {why}")
             return
     try:
-        ops.session(model)
+        # (quiet: a warning of onnxruntime's about the model's own declared shapes, such
+        # as "Error merging shape info", would reach the user's terminal raw)
+        ops.session(model, quiet=True)
     except CodebookError:
         raise
     except Exception as e:

@@ -533,3 +533,26 @@ def test_declared_shape_contradiction_is_a_note_only_for_the_models_own_nodes():
     assert _declared_shape_contradiction(model, error.format(op="Gather", name="Gather_2")) is None  # ours
     assert _declared_shape_contradiction(model, error.format(op="Reshape", name="nowhere")) is None
     assert _declared_shape_contradiction(model, "[TypeInferenceError] node name: Reshape_1)") is None
+
+
+def test_contradicted_output_shape_compresses_without_raw_onnxruntime_warnings(capfd):
+    # The model declares its output as [1, -1] where it computes [1, 16, 6, 6]: compress
+    # notes the contradiction once, and onnxruntime's own "Error merging shape info"
+    # warning (printed straight to the process's stderr when it loads the model) stays out.
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, -1])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("Reshape", ["c", "s"], ["y"], name="Reshape_1")]
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.1).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 16, 6, 6], np.int64), "s")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    from onnx_codebook.errors import CodebookWarning
+
+    capfd.readouterr()
+    with pytest.warns(CodebookWarning, match="contradicts the shape the source model declares after node Reshape_1"):
+        result = compress_model(model, CompressConfig(min_elements=0))
+    err = capfd.readouterr().err
+    assert "MergeShapeInfo" not in err and "onnxruntime" not in err, err
+    assert [layer.name for layer in result.layers] == ["w"]
