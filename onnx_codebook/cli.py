@@ -228,7 +228,8 @@ def compress(
         for s in result.skipped:
             out.print(f"[dim]skipped {s.name} ({s.op_type}): {s.reason}[/]", highlight=False)
         out.print(
-            f"weights {_fmt_bytes(summary['weight_bytes_before'])} -> {_fmt_bytes(summary['weight_bytes_after'])} "
+            f"weights of the {len(summary['layers'])} compressed layers {_fmt_bytes(summary['weight_bytes_before'])} -> "
+            f"{_fmt_bytes(summary['weight_bytes_after'])} "
             f"([bold]{summary['compression_ratio']:.2f}x[/]); file {_fmt_bytes(before)} -> {_fmt_bytes(after)} "
             f"([bold]{summary['model_compression_ratio']:.2f}x[/])", highlight=False)
         if metrics:
