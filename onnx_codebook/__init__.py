@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 
 def make_config(
     *,
-    bits: int = 4,
+    bits: int | None = None,
     granularity: str = "channel",
     group_size: int = 8,
     method: str = "kmeans",
@@ -53,7 +53,10 @@ def make_config(
     ``layers`` overrides settings per weight name, node name or op type, e.g.
     ``{"Gemm": {"bits": 8}, "conv1.weight": LayerSettings(bits=6)}``.  ``weight_inputs``:
     also compress weights that the model lists as graph inputs (they stop being inputs).
+    ``bits`` defaults to 4, or to 1 with ``method="binary"``.
     """
+    if bits is None:
+        bits = 1 if method == "binary" else 4
     if isinstance(ops, str):
         ops = tuple(o.strip() for o in ops.split(",") if o.strip())
     default = LayerSettings(bits=bits, granularity=granularity, group_size=group_size, method=method, init=init)

@@ -171,7 +171,7 @@ def _progress() -> Progress:
 def compress(
     model: ModelArg,
     output: OutOpt,
-    bits: Annotated[int, typer.Option("--bits", help="Bits per weight index (1..8); codebooks get 2^bits entries.")] = 4,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Bits per weight index (1..8); codebooks get 2^bits entries. [default: 4; 1 with --method binary]", show_default=False)] = None,
     granularity: Annotated[str, typer.Option("--granularity", help="tensor, channel or group (adjacent filters share a codebook).")] = "channel",
     group_size: Annotated[int, typer.Option("--group-size", help="Filters per codebook with --granularity group.")] = 8,
     ops: Annotated[str, typer.Option("--ops", help="Op types whose weights are compressed.")] = ",".join(SUPPORTED_OPS),

@@ -146,8 +146,16 @@ def test_evaluate_npz_and_image_folder(work):
 # --------------------------------------------------------------------------- bad input
 
 
+def test_binary_method_defaults_to_one_bit(work):
+    # --method binary alone means 1 bit per weight (the default 4 is for k-means)
+    out = work / "b.onnx"
+    assert_ok(invoke("compress", work / "m.onnx", "-o", out, "--method", "binary", "--granularity", "group",
+                     "--min-elements", 0))
+    assert {layer["bits"] for layer in oc.inspect(out)["layers"] if layer["format"] != "float"} == {1}
+
+
 @pytest.mark.parametrize("case", ["missing", "text", "truncated", "no_eligible", "bits0", "bits9", "same_output",
-                                  "missing_folder", "parent_is_file", "bad_granularity", "bad_ops"])
+                                  "missing_folder", "parent_is_file", "bad_granularity", "bad_ops", "binary_bits"])
 def test_compress_bad_input(work, case):
     model = work / "m.onnx"
     (work / "notes.txt").write_text("hello\n")
@@ -167,6 +175,7 @@ def test_compress_bad_input(work, case):
         "parent_is_file": (model, "-o", work / "notes.txt" / "c.onnx"),
         "bad_granularity": (model, "-o", out, "--granularity", "layer"),
         "bad_ops": (model, "-o", out, "--ops", "Conv,LSTM"),
+        "binary_bits": (model, "-o", out, "--method", "binary", "--bits", 4),
     }[case]
     result = invoke("compress", *args, "--min-elements", 0) if case not in ("no_eligible",) else invoke("compress", *args)
     assert_one_line_error(result, work, before)
