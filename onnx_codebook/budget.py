@@ -45,8 +45,8 @@ from .errors import ConfigError, DataError
 from .evaluation import check_labels, predict
 from .pipeline import ClusterCache, LayerPlan, compress_model, layer_clustering, plan_layer
 from .schema import GRANULARITIES
-from .select import (Layer, constants_to_initializers, fold_batch_norms, fold_weight_casts, select_layers,
-                     skip_reasons, unlist_ir3_weight_inputs, weight_casts_note)
+from .select import (Layer, constants_to_initializers, fold_batch_norms, fold_weight_casts, quantized_note,
+                     select_layers, skip_reasons, unlist_ir3_weight_inputs, weight_casts_note)
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,8 @@ def run_search(
     layers, skipped = select_layers(graph, config.ops, config.min_elements, {i.name for i in proto.graph.input}, cast)
     layers = [l for l in layers if l.graph is graph and l.weight not in config.exclude]
     if not layers:
-        raise ConfigError(f"no eligible layer to search over{skip_reasons(skipped)}; try a lower --min-elements")
+        raise ConfigError(f"no eligible layer to search over{skip_reasons(skipped)}"
+                          + (quantized_note(proto) or "; try a lower --min-elements"))
     weights = {l.weight: np.asarray(l.constant.values) for l in layers}
 
     # ---- calibration statistics (bias correction, activation-aware clustering)

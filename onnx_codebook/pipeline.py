@@ -26,8 +26,8 @@ from .rewrite import NameScope, add_standard_decode, fold_epilogue, fusible, rep
 from .rewrite import fused as fused_rewrite
 from .rewrite.common import model_names
 from .schema import DOMAIN, DOMAIN_VERSION, METADATA_KEY
-from .select import (Layer, Skipped, constants_to_initializers, fold_batch_norms, fold_weight_casts, select_layers,
-                     skip_reasons, unlist_ir3_weight_inputs, weight_casts_note)
+from .select import (Layer, Skipped, constants_to_initializers, fold_batch_norms, fold_weight_casts, quantized_note,
+                     select_layers, skip_reasons, unlist_ir3_weight_inputs, weight_casts_note)
 
 # Opset that introduced Cast from each index container, and the IR version it needs.
 CONTAINER_OPSET = {2: 25, 4: 21, 8: 1}
@@ -249,7 +249,7 @@ def compress_model(
         raise NoEligibleLayerError(
             f"no eligible {'/'.join(config.ops)} weight with >= {config.min_elements} elements"
             + skip_reasons(skipped)
-            + "; try a lower --min-elements or other --ops"
+            + (quantized_note(proto) or "; try a lower --min-elements or other --ops")
         )
 
     # Containers: decided before rewriting, since raising the opset re-imports the graph.

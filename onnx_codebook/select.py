@@ -67,6 +67,22 @@ def skip_reasons(skipped: list[Skipped], shown: int = 3) -> str:
     return f" ({why}{'; ...' if len(skipped) > shown else ''})"
 
 
+# Ops whose weights an earlier tool already quantized (integer weights and scales).
+QUANTIZED_OPS = ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "MatMulNBits", "DequantizeLinear")
+
+
+def quantized_note(model: onnx.ModelProto) -> str:
+    """``"; the model is already quantized (12 ConvInteger, ...)"`` for an error message, or ""."""
+    counts: dict[str, int] = {}
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            if node.op_type in QUANTIZED_OPS:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if not counts:
+        return ""
+    return "; the model is already quantized (" + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) + ")"
+
+
 def constants_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> int:
     """Turn float ``Constant`` nodes that feed an eligible weight input, the bias of such
     an op, or the parameters of a ``BatchNormalization`` into initializers.

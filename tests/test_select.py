@@ -82,6 +82,18 @@ def test_normalisation_held_in_constant_nodes_folds(rng):
     np.testing.assert_allclose(got, want, atol=0.02 * float(np.abs(want).max()))
 
 
+def test_an_already_quantized_model_says_so():
+    # a model whose convolutions are ConvInteger (int8 weights) has nothing to cluster
+    graph = helper.make_graph([helper.make_node("ConvInteger", ["X", "W"], ["Y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.UINT8, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [1, 8, 4, 4])],
+                              [init("W", np.ones((8, 4, 3, 3), np.uint8))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(NoEligibleLayerError, match=r"already quantized \(1 ConvInteger\)"):
+        compress_model(model, CompressConfig(min_elements=0))
+
+
 def test_identity_is_looked_through_and_shared_weights_grouped(rng):
     nodes = [helper.make_node("Identity", ["W"], ["W2"], name="id"),
              helper.make_node("MatMul", ["A", "W2"], ["H"], name="mm1"),
