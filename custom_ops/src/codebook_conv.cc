@@ -786,12 +786,7 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
         for (int64_t oh = 0; oh < g.out_h; ++oh) {
           const float* s = src + oh * pc.wq;
           float* d = dst + oh * g.out_w;
-          if (zc) {
-            const float* zr = zc + oh * g.out_w;
-            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = act.Apply(s[ow] + zr[ow]);
-          } else {
-            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = act.Apply(s[ow]);
-          }
+          StoreActivated(act, s, zc ? zc + oh * g.out_w : nullptr, d, g.out_w);
         }
       }
     });

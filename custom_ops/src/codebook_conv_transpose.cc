@@ -115,7 +115,7 @@ void ConvTransposeKernel::Compute(OrtKernelContext* context) {
     if (!act_.Active()) return;
     for_planes(0, planes, [&](int64_t q) {
       float* plane = y + q * out_plane;
-      for (int64_t p = 0; p < out_plane; ++p) plane[p] = act_.Apply(plane[p]);
+      StoreActivated(act_, plane, nullptr, plane, out_plane);
     });
   };
   // Scatters input pixels [p0, p0 + np) of image n from the group's GEMM output (row r

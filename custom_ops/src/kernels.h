@@ -26,6 +26,9 @@ bool UsesAvx512();
 // (room for count rounded up to 8).
 void DecodeRow(const CodebookWeight& w, int64_t r, int64_t k0, int64_t count, float* out);
 
+// dst[i] = act(src[i] + add[i]) for i < n (add may be null; src may be dst), vectorised.
+void StoreActivated(const Epilogue& act, const float* src, const float* add, float* dst, int64_t n);
+
 // Floats past the end of their output that the packers (PackWeightPanels and the
 // GEMM's pack_a / pack_b) may write: buffers they fill are this much longer.
 inline constexpr int64_t kPackSlack = 8 * kNR + 8;

@@ -104,6 +104,12 @@ struct Epilogue {
   float alpha = 0.f, beta = 0.f;
   bool Active() const { return kind != Activation::kNone; }
   float Apply(float v) const {
+    // (the common cases first, as plain selects a loop can vectorise)
+    if (kind == Activation::kNone) return v;
+    if (kind == Activation::kClamp) return std::min(std::max(v, lo), hi);
+    return ApplyOther(v);
+  }
+  float ApplyOther(float v) const {
     switch (kind) {
       case Activation::kNone: return v;
       case Activation::kClamp: return std::min(std::max(v, lo), hi);
