@@ -22,6 +22,9 @@ defined below, for how the fused ops fare on the layer shapes and export pattern
 * disc        - DCGAN discriminator (4x4 stride-2 Conv, LeakyRelu, a final 8x8 Conv over the whole map; logits out,
                 as a Sigmoid would saturate on random weights and hide differences); 3x64x64
 * convnext    - two ConvNeXt blocks (depthwise 7x7, LayerNorm, Linear layers as MatMul on NHWC); 3x64x64
+* yolo        - a YOLOv8s-shaped backbone and neck (Conv + BatchNorm + SiLU, exported as Sigmoid and Mul; C2f
+                blocks with residual bottlenecks, SPPF, upsampling and concatenation); 3x256x256
+* resnext     - ResNeXt-50 (32x4d) stages 3 and 4 (bottlenecks with 3x3 convolutions in 32 groups); 256x28x28
 
 Each model is compressed with ``onnx_codebook.compress(bits=4, granularity="channel")`` in the fused and the
 standard format (``min_elements`` 4096 for the pretrained models, 1024 for the small decoders), and fp32 and
@@ -63,6 +66,8 @@ MODELS = {
     "resnet18": ((3, 224, 224), 4096),
     "disc": ((3, 64, 64), 4096),
     "convnext": ((3, 64, 64), 4096),
+    "yolo": ((3, 256, 256), 4096),
+    "resnext": ((256, 28, 28), 4096),
 }
 
 
@@ -223,8 +228,90 @@ def _architectures():
         def forward(self, x):
             return self.fc(self.net(x).mean((2, 3)))
 
+    def cbs(cin, cout, k=1, stride=1):  # YOLO's Conv: Conv + BatchNorm + SiLU
+        return nn.Sequential(*conv_bn(cin, cout, k, stride, act=nn.SiLU))
+
+    class Bottleneck(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.body = nn.Sequential(cbs(c, c, 3), cbs(c, c, 3))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    class C2f(nn.Module):
+        def __init__(self, cin, cout, n, shortcut=True):
+            super().__init__()
+            self.c = cout // 2
+            self.cv1, self.cv2 = cbs(cin, 2 * self.c), cbs((2 + n) * self.c, cout)
+            self.m = nn.ModuleList(Bottleneck(self.c) if shortcut else nn.Sequential(cbs(self.c, self.c, 3),
+                                                                                     cbs(self.c, self.c, 3))
+                                   for _ in range(n))
+
+        def forward(self, x):
+            y = list(self.cv1(x).chunk(2, 1))
+            for m in self.m:
+                y.append(m(y[-1]))
+            return self.cv2(torch.cat(y, 1))
+
+    class SPPF(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.cv1, self.cv2, self.pool = cbs(c, c // 2), cbs(2 * c, c), nn.MaxPool2d(5, 1, 2)
+
+        def forward(self, x):
+            y = [self.cv1(x)]
+            for _ in range(3):
+                y.append(self.pool(y[-1]))
+            return self.cv2(torch.cat(y, 1))
+
+    class Yolo(nn.Module):  # YOLOv8s widths (32 .. 512), depths 1-2-2-1
+        def __init__(self):
+            super().__init__()
+            self.p3 = nn.Sequential(cbs(3, 32, 3, 2), cbs(32, 64, 3, 2), C2f(64, 64, 1), cbs(64, 128, 3, 2),
+                                    C2f(128, 128, 2))
+            self.p4 = nn.Sequential(cbs(128, 256, 3, 2), C2f(256, 256, 2))
+            self.p5 = nn.Sequential(cbs(256, 512, 3, 2), C2f(512, 512, 1), SPPF(512))
+            self.up = nn.Upsample(scale_factor=2.0, mode="nearest")
+            self.n4, self.n3 = C2f(768, 256, 1, False), C2f(384, 128, 1, False)
+            self.down, self.o4 = cbs(128, 128, 3, 2), C2f(384, 256, 1, False)
+            self.heads = nn.ModuleList(nn.Conv2d(c, 80, 1) for c in (128, 256))
+
+        def forward(self, x):
+            p3 = self.p3(x)
+            p4 = self.p4(p3)
+            p5 = self.p5(p4)
+            n4 = self.n4(torch.cat([self.up(p5), p4], 1))
+            n3 = self.n3(torch.cat([self.up(n4), p3], 1))
+            o4 = self.o4(torch.cat([self.down(n3), n4], 1))
+            return torch.cat([h(t).flatten(2) for h, t in zip(self.heads, (n3, o4))], 2)
+
+    class NeXtBlock(nn.Module):  # ResNeXt bottleneck, cardinality 32
+        def __init__(self, cin, width, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(*conv_bn(cin, width, 1, 1, act=nn.ReLU),
+                                      *conv_bn(width, width, 3, stride, groups=32, act=nn.ReLU),
+                                      *conv_bn(width, cout, 1, 1)[:2])
+            self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                          if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.short(x))
+
+    class ResNeXt(nn.Module):  # stages 3 (512 wide, 16 channels per group) and 4 (1024, 32 per group)
+        def __init__(self):
+            super().__init__()
+            blocks = [NeXtBlock(256, 512, 1024, 2)] + [NeXtBlock(1024, 512, 1024, 1) for _ in range(5)]
+            blocks += [NeXtBlock(1024, 1024, 2048, 2)] + [NeXtBlock(2048, 1024, 2048, 1) for _ in range(2)]
+            self.features = nn.Sequential(*blocks)
+            self.fc = nn.Linear(2048, 1000)
+
+        def forward(self, x):
+            return self.fc(self.features(x).mean((2, 3)))
+
     torch.manual_seed(0)
-    models = {"mobilenetv2": MobileNetV2(), "resnet18": ResNet18(), "disc": Discriminator(), "convnext": ConvNeXt()}
+    models = {"mobilenetv2": MobileNetV2(), "resnet18": ResNet18(), "disc": Discriminator(), "convnext": ConvNeXt(),
+              "yolo": Yolo(), "resnext": ResNeXt()}
     for model in models.values():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
