@@ -127,8 +127,7 @@ struct Epilogue {
 // Reads `activation` ("", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid",
 // "HardSwish", "Silu") and its attributes (activation_min / activation_max for Clip,
 // activation_alpha for LeakyRelu, HardSigmoid and HardSwish, activation_beta for the
-// last two);
-// fails for an unknown activation or NaN attributes.
+// last two); fails for an unknown activation or NaN attributes.
 Epilogue ReadEpilogue(const OrtKernelInfo* info, const std::string& op);
 
 // Input 3 of a convolution, the optional bias: its data, or null when absent; fails

@@ -204,7 +204,7 @@ def _gated_activation(y: gs.Tensor, graph_outputs: set) -> tuple[dict, gs.Node, 
     if gate is None or len(gate.outputs) != 1:
         return None
     mul = _single_consumer(gate.outputs[0], graph_outputs)
-    if mul is None or mul.op != "Mul" or mul not in y.outputs or len(mul.inputs) != 2:
+    if mul is None or mul.op != "Mul" or not any(n is mul for n in y.outputs) or len(mul.inputs) != 2:
         return None
     if {id(t) for t in mul.inputs} != {id(y), id(gate.outputs[0])}:
         return None
