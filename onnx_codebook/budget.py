@@ -360,12 +360,14 @@ def run_search(
         raise DataError("--metric top1 needs labels in the data; use --metric agreement for unlabelled data")
     config = config or CompressConfig()
     choices = default_choices(bits, granularities, group_size)
-    # Normalisations folded (an IR 3 model's weights unlisted from its inputs, and float16
-    # weights read through a Cast made float32, first) once, up front: every model the
-    # search builds and scores then has the weights compress_model will cluster.
+    # Normalisations folded (an IR 3 model's weights unlisted from its inputs, Constant-node
+    # weights and parameters made initializers, and float16 weights read through a Cast
+    # made float32, first) once, up front: every model the search builds and scores then
+    # has the weights compress_model will cluster.
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     changed = unlist_ir3_weight_inputs(folded, any_version=config.weight_inputs)
+    changed += constants_to_initializers(folded, config.ops)
     cast = fold_weight_casts(folded, config.ops)  # before the normalisations: it makes such weights foldable
     if changed + len(cast) + fold_batch_norms(folded):
         model = folded

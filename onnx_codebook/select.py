@@ -84,8 +84,9 @@ def quantized_note(model: onnx.ModelProto) -> str:
 
 
 def constants_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> int:
-    """Turn float ``Constant`` nodes that feed an eligible weight input, the bias of such
-    an op, or the parameters of a ``BatchNormalization`` into initializers.
+    """Turn float ``Constant`` nodes that feed an eligible weight input (directly or
+    through a ``Cast``), the bias of such an op, or the parameters of a
+    ``BatchNormalization`` into initializers.
 
     Some exporters (Paddle, some TF converters) hold weights in Constant nodes; the
     biases and normalisation parameters must be initializers too for the normalisation
@@ -102,6 +103,11 @@ def constants_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> i
                 weight_inputs.update(n.input[WEIGHT_INPUT[n.op_type]:WEIGHT_INPUT[n.op_type] + 2])
             elif n.op_type == "BatchNormalization":
                 weight_inputs.update(n.input[1:5])
+        # and a float16 / float64 weight read through Cast (mixed-precision exports), which
+        # fold_weight_casts then turns into a float32 weight
+        weight_inputs.update(n.input[0] for n in graph.node
+                             if n.op_type == "Cast" and n.domain in ("", "ai.onnx") and n.input
+                             and n.output and n.output[0] in weight_inputs)
         keep = []
         for node in graph.node:
             value = [a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]

@@ -357,24 +357,29 @@ def test_fused_format_says_which_layers_keep_the_standard_decode(rng):
     assert not any("standard decode" in w for w in compress(small_cnn(rng), bits=4, format="fused").warnings)
 
 
-def cast_weight_model(rng, *, also_read=False):
+def cast_weight_model(rng, *, also_read=False, constant=False):
     """X[N,8,6,6] -> Conv(Cast(W16 to float)) -> Y: a float16 weight as mixed-precision exports store it;
-    ``also_read``: the cast weight also feeds an Identity output."""
+    ``also_read``: the cast weight also feeds an Identity output; ``constant``: W16 is the
+    output of a Constant node, not an initializer."""
     w = (randn(rng, 24, 8, 3, 3) * 0.3).astype(np.float16)
     nodes = [helper.make_node("Cast", ["W16"], ["Wf"], to=TensorProto.FLOAT),
              helper.make_node("Conv", ["X", "Wf"], ["Y"], name="conv", pads=[1, 1, 1, 1])]
+    if constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["W16"], value=init("W16", w)))
     outputs = [("Y", [2, 24, 6, 6])]
     if also_read:
         nodes.append(helper.make_node("Identity", ["Wf"], ["Wcopy"]))
         outputs.append(("Wcopy", [24, 8, 3, 3]))
-    return make_model(nodes, [("X", [2, 8, 6, 6])], outputs, [init("W16", w)])
+    return make_model(nodes, [("X", [2, 8, 6, 6])], outputs, [] if constant else [init("W16", w)])
 
 
+@pytest.mark.parametrize("constant", [False, True])
 @pytest.mark.parametrize("fmt", ["standard", "fused"])
-def test_float16_weight_read_through_cast_is_compressed(fmt, rng):
+def test_float16_weight_read_through_cast_is_compressed(fmt, constant, rng):
     # onnxruntime folds the Cast at session start: the codebooks fit the float32 values it
-    # computes with, the fused op reads them without the Cast, and sizes count 2 bytes each.
-    model = cast_weight_model(rng)
+    # computes with, the fused op reads them without the Cast, and sizes count 2 bytes each
+    # (also where the float16 weight is held in a Constant node).
+    model = cast_weight_model(rng, constant=constant)
     with pytest.warns(CodebookWarning, match=r"1 weight\(s\) stored as float16 / float64 and read through Cast"):
         result = compress(model, bits=4, format=fmt)
     (layer,) = result.layers

@@ -127,9 +127,10 @@ def test_weights_listed_as_inputs_are_searched_with_weight_inputs():
     assert result.report["layers"] and [i.name for i in result.model.graph.input] == [model.graph.input[0].name]
 
 
-def test_float16_weights_behind_a_cast_are_searched_at_their_stored_size():
+@pytest.mark.parametrize("held_in", ["initializer", "Constant node"])
+def test_float16_weights_behind_a_cast_are_searched_at_their_stored_size(held_in):
     # Mixed-precision exports keep weights as float16 and Cast them to float: the search
-    # clusters them and counts their 2 bytes per value
+    # clusters them and counts their 2 bytes per value, also where a Constant node holds them
     model = onnx.load(str(DIGITS))
     mixed = onnx.ModelProto()
     mixed.CopyFrom(model)
@@ -138,8 +139,11 @@ def test_float16_weights_behind_a_cast_are_searched_at_their_stored_size():
     for t in inits:
         half = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name + ".fp16")
         mixed.graph.initializer.remove(t)
-        mixed.graph.initializer.append(half)
         mixed.graph.node.insert(0, onnx.helper.make_node("Cast", [half.name], [t.name], to=onnx.TensorProto.FLOAT))
+        if held_in == "initializer":
+            mixed.graph.initializer.append(half)
+        else:
+            mixed.graph.node.insert(0, onnx.helper.make_node("Constant", [], [half.name], value=half))
     digits = oc.data.load_data("sklearn:digits", model)
     result = oc.search(mixed, digits, max_drop=5.0, metric="agreement", bits=(4, 8), granularity="tensor")
     assert any("read through Cast" in w for w in result.warnings)
