@@ -107,9 +107,10 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def _layer_table(title: str, rows: list[dict], before: str = "original") -> Table:
-    """Per-layer table; ``before``: the size column the ratio divides, "original" (the
-    weight as the input model stored it) or "fp32"."""
+def _layer_table(title: str, rows: list[dict]) -> Table:
+    """Per-layer table; the ratio divides the "original" column (the weight as the
+    input model stored it) by the stored bytes."""
+    before = "original"
     t = Table(title=title, title_justify="left")
     for col, just in (("layer", "left"), ("op", "left"), ("shape", "left"), ("bits", "right"),
                       ("granularity", "left"), ("codebook", "right"), (before, "right"), ("stored", "right"),
@@ -251,9 +252,9 @@ def inspect(model: ModelArg, as_json: JsonOpt = False):
         if as_json:
             print(json.dumps(info, indent=2, default=_json_default))
             return
-        out.print(_layer_table(str(model), info["layers"], before="fp32"))
+        out.print(_layer_table(str(model), info["layers"]))
         out.print(
-            f"{info['compressed_layers']} compressed layers; weights {_fmt_bytes(info['weight_bytes_fp32'])} fp32 -> "
+            f"{info['compressed_layers']} compressed layers; weights {_fmt_bytes(info['weight_bytes_original'])} -> "
             f"{_fmt_bytes(info['weight_bytes_stored'])} stored ([bold]{info['compression_ratio']:.2f}x[/]); "
             f"file {_fmt_bytes(info['model_bytes'])}", highlight=False)
 

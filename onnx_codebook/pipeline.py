@@ -324,7 +324,7 @@ def compress_model(
             codebook_bytes=fp.codebook_bytes, sqnr_db=sqnr_db(weight, clustering.decode()), note=note,
         ))
         metadata[layer.weight] = {"bits": settings.bits, "granularity": granularity, "group_size": group_size,
-                                  "method": settings.method}
+                                  "method": settings.method, "original_itemsize": layer.itemsize}
     if not results:
         raise NoEligibleLayerError("no weight would get smaller with these settings; try more bits' savings "
                                    "(fewer --bits) or a coarser --granularity")

@@ -42,9 +42,30 @@ def test_inspect_compressed_model(rng, granularity, bits):
         assert row["codebook_entries"] == layer.codebook_entries
         assert row["bytes_stored"] == layer.bytes_stored  # codebook and offsets included
         assert row["bytes_fp32"] == layer.bytes_fp32
-    assert info["weight_bytes_fp32"] == 4 * (144 + 4608 + 320)
+    assert info["weight_bytes_fp32"] == info["weight_bytes_original"] == 4 * (144 + 4608 + 320)
     assert info["weight_bytes_stored"] == 4 * 144 + sum(l.bytes_stored for l in result.layers)
     assert info["compression_ratio"] == pytest.approx(info["weight_bytes_fp32"] / info["weight_bytes_stored"])
+
+
+@pytest.mark.parametrize("fmt", ["standard", "fused"])
+def test_inspect_counts_a_float16_weight_at_its_stored_size(fmt, require_ops):
+    # a float16 weight read through Cast: inspect's original size is 2 bytes per value,
+    # as compress reported it, and both ratios agree
+    from onnx import TensorProto, helper
+
+    from conftest import init, make_model
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float16)
+    nodes = [helper.make_node("Cast", ["W16"], ["W"], to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["X", "W"], ["Y"], name="conv", pads=[1] * 4)]
+    model = make_model(nodes, [("X", [1, 16, 8, 8])], [("Y", [1, 32, 8, 8])], [init("W16", w)])
+    with pytest.warns(Warning, match="read through Cast"):
+        result = compressed(model, bits=4, format=fmt, min_elements=0)
+    (row,) = inspect_model(result.model)["layers"]
+    (layer,) = result.layers
+    assert row["bytes_original"] == layer.bytes_original == w.size * 2 and row["bytes_fp32"] == w.size * 4
+    assert inspect_model(result.model)["compression_ratio"] == pytest.approx(layer.ratio)
 
 
 def test_inspect_without_metadata(rng):
