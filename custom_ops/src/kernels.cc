@@ -137,7 +137,8 @@ constexpr float kExpC[7] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f
 
 AVX2_TARGET inline __m256 ExpAvx2(__m256 x) {
   x = _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
   __m256 p = _mm256_set1_ps(kExpC[6]);
@@ -160,8 +161,8 @@ __attribute__((noinline)) AVX2_TARGET __m256 ActivateAvx2(const Epilogue& a, __m
     }
     case Activation::kHardSigmoid:
     case Activation::kHardSwish: {
-      const __m256 h = _mm256_min_ps(one, _mm256_max_ps(_mm256_setzero_ps(),
-                                                        _mm256_fmadd_ps(v, _mm256_set1_ps(a.alpha), _mm256_set1_ps(a.beta))));
+      const __m256 y = _mm256_fmadd_ps(v, _mm256_set1_ps(a.alpha), _mm256_set1_ps(a.beta));
+      const __m256 h = _mm256_min_ps(one, _mm256_max_ps(_mm256_setzero_ps(), y));
       return a.kind == Activation::kHardSwish ? _mm256_mul_ps(v, h) : h;
     }
     case Activation::kSilu:
@@ -174,7 +175,8 @@ __attribute__((noinline)) AVX2_TARGET __m256 ActivateAvx2(const Epilogue& a, __m
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12, inside _mm512_min_ps / _mm512_max_ps
 AVX512_TARGET inline __m512 ExpAvx512(__m512 x) {
   x = _mm512_min_ps(_mm512_set1_ps(kExpHi), _mm512_max_ps(_mm512_set1_ps(kExpLo), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
   __m512 p = _mm512_set1_ps(kExpC[6]);
@@ -197,8 +199,8 @@ __attribute__((noinline)) AVX512_TARGET __m512 ActivateAvx512(const Epilogue& a,
     }
     case Activation::kHardSigmoid:
     case Activation::kHardSwish: {
-      const __m512 h = _mm512_min_ps(one, _mm512_max_ps(_mm512_setzero_ps(),
-                                                        _mm512_fmadd_ps(v, _mm512_set1_ps(a.alpha), _mm512_set1_ps(a.beta))));
+      const __m512 y = _mm512_fmadd_ps(v, _mm512_set1_ps(a.alpha), _mm512_set1_ps(a.beta));
+      const __m512 h = _mm512_min_ps(one, _mm512_max_ps(_mm512_setzero_ps(), y));
       return a.kind == Activation::kHardSwish ? _mm512_mul_ps(v, h) : h;
     }
     case Activation::kSilu:
