@@ -390,8 +390,7 @@ def run_search(
 
     # ---- layers
     proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    constants_to_initializers(proto, config.ops)
+    proto.CopyFrom(model)  # (its Constant-node weights were made initializers up front)
     graph = gs.import_onnx(proto)
     layers, skipped = select_layers(graph, config.ops, config.min_elements, {i.name for i in proto.graph.input}, cast)
     layers = [l for l in layers if l.graph is graph and l.weight not in config.exclude]
