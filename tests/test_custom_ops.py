@@ -147,7 +147,7 @@ def plain_epilogue(node, activation, bounds, residual):
 
 def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, kernel=None, stride=None,
               dilation=None, pads=None, auto_pad=None, bias=None, bits=None, group_size=None, threads=1,
-              activation="", bounds=(-0.5, 0.75), residual=False, size=None, runs=1, z_scale=1.0):
+              activation="", bounds=(-0.5, 0.75), residual=False, size=None, runs=1, z_scale=1.0, zeros=0.0):
     batch = batch or int(rng.integers(1, 3))
     group = group or int(rng.choice([1, 1, 2, 3]))
     cin = cin or group * int(rng.integers(1, 5))
@@ -172,6 +172,7 @@ def conv_case(rng, *, spatial=2, batch=None, cin=None, cout=None, group=None, ke
     wshape = [cout, cin // group, *kernel]
     codebook, indices, weight = random_weight(rng, wshape, 0, bits, group_size)
     x = rng.standard_normal((batch, cin, *size)).astype(np.float32)
+    x[rng.random(x.shape) < zeros] = 0.0  # as after a Relu
     b = rng.standard_normal(cout).astype(np.float32)
     ins_f = ["x", "w.indices", "w.codebook"] + (["b"] if bias else ([""] if residual else [])) + (["z"] if residual else [])
     ins_p = ["x", "W"] + (["b"] if bias else [])
@@ -356,6 +357,61 @@ def test_conv_short_rows(size, kernel, stride, pads, batch, group, bits):
               cout=70 * group, group=group, kernel=kernel, stride=stride, dilation=[1] * len(size), pads=pads,
               auto_pad="NOTSET", bits=bits, group_size=1, bias=True, activation="Relu", residual=True, threads=2,
               size=size)
+
+
+# Few-column convolutions with inputs partly zero, for the sparse-column GEMM:
+# (batch, cin, cout, kernel, stride, size, pads, zeros, bits).
+SPARSE_CASES = [
+    (1, 128, 256, [3, 3], [1, 1], [4, 4], [1, 1, 1, 1], 0.6, 4),  # the bundled CNN's 4x4 layer
+    (1, 64, 40, [3, 3], [1, 1], [3, 3], [1, 1, 1, 1], 0.5, 3),  # 9 columns, a part-filled block of 32
+    (2, 48, 33, [1, 1], [1, 1], [2, 2], [0, 0, 0, 0], 0.7, 2),  # 8 columns over two images
+    (1, 300, 70, [3, 3], [1, 1], [4, 4], [1, 1, 1, 1], 0.6, 5),  # K = 2700: 11 reduction blocks
+    (1, 20, 36, [2, 2], [2, 2], [7, 7], [0, 1, 0, 1], 0.0, 4),  # dense: 4x4 columns, stride 2
+    (3, 40, 64, [3, 3], [1, 1], [2, 2], [1, 1, 1, 1], 1.0, 4),  # every input zero: bias and act only
+    (16, 96, 50, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 0.8, 8),  # 16 images of one pixel, 8-bit
+]
+
+
+def sparse_case(batch, cin, cout, kernel, stride, size, pads, zeros, bits, threads=1, seed=0):
+    for activation, residual in [("Relu", False), ("Clip", True)]:
+        conv_case(np.random.default_rng(seed), batch=batch, cin=cin, cout=cout, group=1, kernel=kernel, stride=stride,
+                  dilation=[1, 1], pads=pads, auto_pad="NOTSET", bits=bits, group_size=1, bias=True,
+                  activation=activation, residual=residual, size=size, threads=threads, runs=2, zeros=zeros)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", SPARSE_CASES)
+def test_conv_sparse_columns(case, threads):
+    """Few output columns with mostly zero inputs (run on the sparse-column GEMM where it
+    is chosen) equal the plain Conv: entries listed per column over several reduction
+    blocks, partial blocks of output channels, stride and padding, all-zero inputs."""
+    sparse_case(*case, threads=threads)
+
+
+def test_conv_sparse_columns_not_finite():
+    """A NaN input reaches every output that reads it, and an infinite codebook entry
+    makes 0 * inf = NaN where a zero input meets it, as in the plain Conv (a kernel that
+    skips zero inputs must not run on such a codebook)."""
+    rng = np.random.default_rng(3)
+    wshape = [32, 64, 3, 3]
+    codebook, indices, weight = random_weight(rng, wshape, 0, 4, 1, k=16)
+    codebook[5, 7] = np.inf
+    weight = codebook[np.arange(32)[:, None, None, None], indices]
+    x = rng.standard_normal((1, 64, 4, 4)).astype(np.float32)
+    x[rng.random(x.shape) < 0.7] = 0.0
+    x[0, 3, 1, 2] = np.nan
+    attrs = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    fused = helper.make_node(schema.CODEBOOK_CONV, ["x", "w.indices", "w.codebook"], ["y"], domain=schema.DOMAIN,
+                             **attrs, **fused_attrs(4, wshape, 1))
+    plain = helper.make_node("Conv", ["x", "W"], ["y"], **attrs)
+    want = run(make_model([plain], [tensor_info("x", x.shape)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(weight, "W")], fused=False), {"x": x})
+    got = run(make_model([fused], [tensor_info("x", x.shape)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                         codebook_inits(codebook, indices, 4), fused=True), {"x": x})
+    assert np.isnan(want).any() and not np.isnan(want).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=RTOL, atol=RTOL * np.abs(want[finite]).max())
 
 
 PADDED_TAP_CASES = [
@@ -997,13 +1053,14 @@ def test_session_helper_registers_library():
 @pytest.mark.parametrize(
     "kernels",
     ["ONNX_CODEBOOK_PORTABLE", "ONNX_CODEBOOK_NO_AVX512", "ONNX_CODEBOOK_PIXEL_GEMM", "ONNX_CODEBOOK_NO_VBMI",
-     "ONNX_CODEBOOK_PIXEL_TILES=rows", "ONNX_CODEBOOK_PIXEL_TILES=images", "ONNX_CODEBOOK_WINOGRAD=0"],
+     "ONNX_CODEBOOK_PIXEL_TILES=rows", "ONNX_CODEBOOK_PIXEL_TILES=images", "ONNX_CODEBOOK_WINOGRAD=0",
+     "ONNX_CODEBOOK_SPARSE=1", "ONNX_CODEBOOK_SPARSE=0"],
 )
 def test_fallback_kernels_in_subprocess(kernels):
     """The portable and the AVX2-only kernels (transposed convolutions included), the
     pixel-major convolution for every geometry, the PDEP index decoding where the CPU has VBMI, each tiling of the
-    pixel-major convolution, and the direct paths where Winograd would run (forced by environment variables), give
-    the same results."""
+    pixel-major convolution, the direct paths where Winograd would run, and the sparse-column GEMM for every
+    few-column convolution or for none (forced by environment variables), give the same results."""
     import subprocess
     import sys
 
@@ -1037,6 +1094,9 @@ def test_fallback_kernels_in_subprocess(kernels):
         "    t.padded_tap_case(*case, threads=2)\n"
         "for case in t.WINOGRAD_CASES[:-1]:\n"
         "    t.winograd_case(*case, threads=2)\n"
+        "for case in t.SPARSE_CASES:\n"
+        "    t.sparse_case(*case, threads=2)\n"
+        "t.test_conv_sparse_columns_not_finite()\n"
     )
     env = dict(os.environ, ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()))
     name, _, value = kernels.partition("=")

@@ -78,6 +78,10 @@ const bool g_pixel_gemm = g_avx512 && !EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "0");
 const bool g_force_pixel_gemm = g_pixel_gemm && EnvIs("ONNX_CODEBOOK_PIXEL_GEMM", "1");
 // Winograd F(2x2, 3x3) convolutions: AVX-512 and not ONNX_CODEBOOK_WINOGRAD=0.
 const bool g_winograd = g_avx512 && !EnvIs("ONNX_CODEBOOK_WINOGRAD", "0");
+// The sparse-column GEMM: AVX-512 and not ONNX_CODEBOOK_SPARSE=0; =1 sends every
+// convolution it can take there (for testing).
+const bool g_sparse = g_avx512 && !EnvIs("ONNX_CODEBOOK_SPARSE", "0");
+const bool g_force_sparse = g_sparse && EnvIs("ONNX_CODEBOOK_SPARSE", "1");
 
 // ---------------------------------------------------------------- portable code
 
@@ -1466,6 +1470,81 @@ AVX512_TARGET void StorePixelBlock(const PixelGemmSpec& s, const float* acc, int
     col += n;
   }
 }
+
+// ------------------------------------------------- sparse-column GEMM (AVX-512)
+
+// The floats of x[0, n) that are not zero, 16 at a time; *done: how many were counted.
+AVX512_TARGET int64_t CountNonzerosAvx512(const float* x, int64_t n, int64_t* done) {
+  int64_t count = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    count += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), _mm512_setzero_ps(), _CMP_NEQ_UQ));
+  }
+  *done = i;
+  return count;
+}
+
+// Blocks of 16 rows of B: transposed in registers, each column's nonzero entries
+// compressed onto the end of its list.
+AVX512_TARGET void ListNonzerosAvx512(const float* b, int64_t K, int64_t columns, int64_t ld, SparseColumns& out) {
+  const __mmask16 live = static_cast<__mmask16>((1u << columns) - 1u);
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 v[16];
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, K - k0);
+    if (k0 % kSparseKC == 0) {
+      for (int64_t j = 0; j < columns; ++j) out.blocks[k0 / kSparseKC * 16 + j] = j * out.stride + out.count[j];
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      v[i] = i < rows ? _mm512_maskz_loadu_ps(live, b + (k0 + i) * ld) : _mm512_setzero_ps();
+    }
+    Transpose16x16(v);  // v[j]: column j at k0 .. k0 + 15
+    const __m512i ks = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(k0)));
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (j >= columns) break;
+      // not equal, unordered: NaN is listed
+      const __mmask16 nz = _mm512_cmp_ps_mask(v[j], _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      const int64_t at = j * out.stride + out.count[j];
+      // compressed in registers and stored whole: a compressing store to memory is
+      // microcoded on AMD's Zen 4
+      _mm512_storeu_ps(out.vals.data() + at, _mm512_maskz_compress_ps(nz, v[j]));
+      _mm512_storeu_si512(out.ks.data() + at, _mm512_maskz_compress_epi32(nz, ks));
+      out.count[j] += __builtin_popcount(nz);
+    }
+  }
+}
+
+// out[0..31] (+)= sum over the n entries e of vals[e] * panel[(ks[e] - k0) * 32 + 0..31].
+// Two entries per step into two pairs of sums (four chains of multiply-adds in flight).
+AVX512_TARGET void SparseColumnKernel(const int32_t* ks, const float* vals, int64_t n, int64_t k0, const float* panel,
+                                      float* out, bool accumulate) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 2 <= n; e += 2) {
+    const float* w0 = panel + (ks[e] - k0) * 32;
+    const float* w1 = panel + (ks[e + 1] - k0) * 32;
+    const __m512 x0 = _mm512_set1_ps(vals[e]), x1 = _mm512_set1_ps(vals[e + 1]);
+    a0 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0), a0);
+    a1 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0 + 16), a1);
+    b0 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w1), b0);
+    b1 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w1 + 16), b1);
+  }
+  if (e < n) {
+    const float* w0 = panel + (ks[e] - k0) * 32;
+    const __m512 x0 = _mm512_set1_ps(vals[e]);
+    a0 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0), a0);
+    a1 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0 + 16), a1);
+  }
+  a0 = _mm512_add_ps(a0, b0);
+  a1 = _mm512_add_ps(a1, b1);
+  if (accumulate) {
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(out));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(out + 16));
+  }
+  _mm512_storeu_ps(out, a0);
+  _mm512_storeu_ps(out + 16, a1);
+}
 #pragma GCC diagnostic pop
 
 
@@ -2153,6 +2232,84 @@ void RunLaneGemm(const PixelGemmSpec& s, int64_t columns, const OrtKernelContext
 #else
   (void)s, (void)columns, (void)ctx;
   throw std::logic_error("RunLaneGemm needs AVX-512");
+#endif
+}
+
+bool HasSparseGemm() { return g_sparse; }
+bool ForceSparseGemm() { return g_force_sparse; }
+
+int64_t CountNonzeros(const float* x, int64_t n) {
+  int64_t count = 0, i = 0;
+#if ONNX_CODEBOOK_X86
+  if (g_avx512) count = CountNonzerosAvx512(x, n, &i);
+#endif
+  for (; i < n; ++i) count += x[i] != 0.f;
+  return count;
+}
+
+int64_t SparseColumns::Nonzeros() const {
+  int64_t n = 0;
+  for (int64_t j = 0; j < columns; ++j) n += count[j];
+  return n;
+}
+
+void ListNonzeros(const float* b, int64_t K, int64_t columns, int64_t ld, SparseColumns& out) {
+  if (columns < 1 || columns > ld || ld > 16) throw std::logic_error("ListNonzeros: " + std::to_string(columns) + " columns");
+  out.columns = columns;
+  out.stride = K + 16;  // each list's stores write up to 15 entries past its end
+  out.ks.resize(static_cast<size_t>(columns * out.stride));
+  out.vals.resize(static_cast<size_t>(columns * out.stride));
+  std::fill(out.count, out.count + 16, int64_t{0});
+  const int64_t nblocks = (K + kSparseKC - 1) / kSparseKC;
+  out.blocks.resize(static_cast<size_t>((nblocks + 1) * 16));
+  for (int64_t j = 0; j < columns; ++j) out.blocks[nblocks * 16 + j] = -1;  // filled below
+#if ONNX_CODEBOOK_X86
+  if (g_avx512) {
+    ListNonzerosAvx512(b, K, columns, ld, out);
+    for (int64_t j = 0; j < columns; ++j) out.blocks[nblocks * 16 + j] = j * out.stride + out.count[j];
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < K; ++k) {
+    if (k % kSparseKC == 0) {
+      for (int64_t j = 0; j < columns; ++j) out.blocks[k / kSparseKC * 16 + j] = j * out.stride + out.count[j];
+    }
+    for (int64_t j = 0; j < columns; ++j) {
+      const float v = b[k * ld + j];
+      if (v == 0.f) continue;
+      const int64_t at = j * out.stride + out.count[j]++;
+      out.ks[at] = static_cast<int32_t>(k);
+      out.vals[at] = v;
+    }
+  }
+  for (int64_t j = 0; j < columns; ++j) out.blocks[nblocks * 16 + j] = j * out.stride + out.count[j];
+}
+
+void RunSparseGemm(const PixelGemmSpec& s, const SparseColumns& b, const OrtKernelContext* ctx) {
+#if ONNX_CODEBOOK_X86
+  if (!g_avx512) throw std::logic_error("RunSparseGemm needs AVX-512");
+  if (s.groups != 1) throw std::logic_error("RunSparseGemm: one group only");
+  if (s.M <= 0) return;
+  const int64_t blocks = (s.M + 31) / 32, columns = b.columns;
+  ParallelFor(ctx, blocks, [&](int64_t block) {
+    thread_local std::vector<float> panel_buf, acc_buf;
+    const int64_t i0 = block * 32, rows = std::min<int64_t>(32, s.M - i0);
+    float* panel = Scratch(panel_buf, static_cast<size_t>(32 * kSparseKC + kPackSlack));
+    float* acc = Scratch(acc_buf, static_cast<size_t>(columns * 32));
+    for (int64_t k0 = 0; k0 < s.K; k0 += kSparseKC) {
+      const int64_t kc = std::min(kSparseKC, s.K - k0);
+      PackWeightPanels(*s.w, s.row0, i0, rows, k0, kc, 32, panel);
+      const int64_t* first = b.blocks.data() + k0 / kSparseKC * 16;
+      for (int64_t j = 0; j < columns; ++j) {
+        SparseColumnKernel(b.ks.data() + first[j], b.vals.data() + first[j], first[16 + j] - first[j], k0, panel,
+                           acc + j * 32, k0 > 0);
+      }
+    }
+    StorePixelBlock(s, acc, i0, rows, 0, columns);
+  });
+#else
+  (void)s, (void)b, (void)ctx;
+  throw std::logic_error("RunSparseGemm needs AVX-512");
 #endif
 }
 

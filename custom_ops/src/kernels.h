@@ -129,6 +129,35 @@ inline constexpr int64_t kLaneColumns = 16;
 inline constexpr int64_t kLaneRows = 16;  // output channels per task
 void RunLaneGemm(const PixelGemmSpec& spec, int64_t columns, const OrtKernelContext* ctx);
 
+// Reduction block of the sparse-column GEMM (its weight panels: 32 x kSparseKC floats).
+inline constexpr int64_t kSparseKC = 256;
+// The nonzero entries of a B of at most 16 columns, per column: column j's are entries
+// [j * stride, j * stride + count[j]) of ks (increasing k) and vals.
+struct SparseColumns {
+  std::vector<int32_t> ks;
+  std::vector<float> vals;
+  int64_t stride = 0, columns = 0;
+  int64_t count[16] = {};
+  // column j's first entry at or past k = b * kSparseKC: blocks[b * 16 + j]
+  std::vector<int64_t> blocks;
+  int64_t Nonzeros() const;
+};
+// Lists the entries of B(k, j) = b[k * ld + j], k < K, j < columns <= ld <= 16, that are
+// not zero (NaN counts as not zero).
+void ListNonzeros(const float* b, int64_t K, int64_t columns, int64_t ld, SparseColumns& out);
+// GEMM against a sparse B of at most 16 columns (AVX-512 only): the C of RunPixelGemm
+// (one group; b, b_offsets and tiles unused) with B given as lists.  Each block of 32
+// output channels decodes its weights as transposed panels and sums the products of
+// the listed entries only: after a Relu about half the inputs are zero, and padded taps
+// are never listed.
+void RunSparseGemm(const PixelGemmSpec& spec, const SparseColumns& b, const OrtKernelContext* ctx);
+// HasSparseGemm: AVX-512 and not ONNX_CODEBOOK_SPARSE=0; ForceSparseGemm:
+// ONNX_CODEBOOK_SPARSE=1, every convolution that can runs there (for testing).
+bool HasSparseGemm();
+bool ForceSparseGemm();
+// How many of x[0, n) are not zero (NaN counts).
+int64_t CountNonzeros(const float* x, int64_t n);
+
 // Winograd F(2x2, 3x3) convolution (AVX-512): a 2-D 3x3 convolution with stride 1 and
 // dilation 1, y = act(bias + add + conv(x, w)) in NCHW.  The input is
 // cut into overlapping 4x4 tiles that give 2x2 outputs each, so a tile and channel

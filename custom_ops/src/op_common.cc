@@ -216,6 +216,7 @@ CodebookWeight LoadCodebookWeight(const OrtKernelInfo* info, const std::string& 
   w.k = cb.shape[1];
   w.lut_stride = std::max<int64_t>(int64_t{1} << bits, 8);
   const float* cb_data = static_cast<const float*>(cb.data);
+  w.finite = std::all_of(cb_data, cb_data + cb.shape[0] * cb.shape[1], [](float v) { return std::isfinite(v); });
   if (axis == ChannelAxis::kTransposedConv) {
     // one lut row per output channel (g, m), so that row r reads lut row r / K
     w.lut.assign(static_cast<size_t>(conv_groups * channels * w.lut_stride), 0.f);

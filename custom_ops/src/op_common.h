@@ -63,6 +63,9 @@ struct CodebookWeight {
   const uint8_t* shared = nullptr;
   int64_t shared_rows = 0;
   std::vector<float> lut;
+  // every codebook entry is finite, so that a zero input contributes nothing to any
+  // sum (kernels that skip zero inputs need this: 0 * inf is NaN)
+  bool finite = true;
 
   const uint8_t* Row(int64_t r) const {
     return r < shared_rows ? shared + r * row_bytes : indices.data() + (r - shared_rows) * row_bytes;
