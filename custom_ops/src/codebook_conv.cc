@@ -286,12 +286,8 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
   const bool serial = g.group * w.cols * ld <= (reach <= 16 ? 8 : 1) * kSerialFloats;
   auto gather = [&](int64_t t, int64_t tasks, float* dst) {
     for (int64_t gc = planes * t / tasks; gc < planes * (t + 1) / tasks; ++gc) {
-      float* row = dst + (gc / g.cin_per_group * w.cols + gc % g.cin_per_group * taps) * ld;
-      for (int64_t tap = 0; tap < taps; ++tap, row += ld) {
-        for (int64_t at = 0; at < ld; at += 16) {
-          GatherColumns(x + gc * in_plane, reach, from.data() + tap * span + at, std::min<int64_t>(16, ld - at), row + at);
-        }
-      }
+      GatherRows(x + gc * in_plane, reach, from.data(), span, taps, ld,
+                 dst + (gc / g.cin_per_group * w.cols + gc % g.cin_per_group * taps) * ld);
     }
   };
   // output channels [r0, r1) of a one-group convolution, B at b

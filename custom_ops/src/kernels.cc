@@ -862,6 +862,18 @@ AVX512_TARGET void GatherColumnsAvx512(const float* src, int64_t reach, const in
   _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << n) - 1u), v);
 }
 
+// GatherRows with AVX-512, for a source of at most 16 floats.
+AVX512_TARGET void GatherRowsAvx512(const float* src, int64_t reach, const int32_t* offsets, int64_t span,
+                                    int64_t taps, int64_t ld, float* dst) {
+  const __mmask16 row = static_cast<__mmask16>((1u << ld) - 1u);
+  const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << reach) - 1u), src);
+  for (int64_t t = 0; t < taps; ++t) {
+    const __m512i at = _mm512_loadu_si512(offsets + t * span);
+    const __mmask16 live = _mm512_cmpge_epi32_mask(at, _mm512_setzero_si512()) & row;
+    _mm512_mask_storeu_ps(dst + t * ld, row, _mm512_maskz_permutexvar_ps(live, at, v));
+  }
+}
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // r[i][j] -> r[j][i] for a 16 x 16 block of floats in 16 registers.
@@ -2463,6 +2475,18 @@ void GatherColumns(const float* src, int64_t reach, const int32_t* offsets, int6
   if (g_avx512) return GatherColumnsAvx512(src, reach, offsets, n, dst);
 #endif
   for (int64_t j = 0; j < n; ++j) dst[j] = offsets[j] >= 0 ? src[offsets[j]] : 0.f;
+}
+
+void GatherRows(const float* src, int64_t reach, const int32_t* offsets, int64_t span, int64_t taps, int64_t ld,
+                float* dst) {
+#if ONNX_CODEBOOK_X86
+  if (g_avx512 && reach <= 16 && ld <= 16) return GatherRowsAvx512(src, reach, offsets, span, taps, ld, dst);
+#endif
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t at = 0; at < ld; at += 16) {
+      GatherColumns(src, reach, offsets + t * span + at, std::min<int64_t>(16, ld - at), dst + t * ld + at);
+    }
+  }
 }
 
 void AddStrided(float* dst, const float* src, int64_t n, int64_t stride) {

@@ -201,6 +201,10 @@ void AddStrided(float* dst, const float* src, int64_t n, int64_t stride);
 // dst[j] = src[offsets[j]] for j < n (<= 16), 0 where offsets[j] < 0; offsets holds
 // 16 entries, all < reach (src has reach floats to read).
 void GatherColumns(const float* src, int64_t reach, const int32_t* offsets, int64_t n, float* dst);
+// GatherColumns for `taps` rows of ld (<= 16) columns: row t from offsets + t * span
+// into dst + t * ld.  A source of at most 16 floats is loaded into a register once.
+void GatherRows(const float* src, int64_t reach, const int32_t* offsets, int64_t span, int64_t taps, int64_t ld,
+                float* dst);
 
 // Geometry of a depthwise convolution of one plane.
 struct DepthwisePlan {
