@@ -766,7 +766,7 @@ def run_search(
 def _session_for(model: onnx.ModelProto, threads: int | None = None):
     from . import ops
 
-    return ops.session(model, threads=threads)
+    return ops.session(model, threads=threads, quiet=True)  # one per candidate: no repeated warnings
 
 
 def _config_for(config: CompressConfig, states: list[LayerState], alloc: Sequence[int], seed: int) -> CompressConfig:

@@ -101,13 +101,15 @@ def evaluate(
     ds = load_data(data, m, image)
     if limit:
         ds = ds.subset(np.arange(min(limit, len(ds))))
-    logits = predict(ops.session(m, threads=threads), ds, batch_size=batch_size, progress=progress)
+    # onnxruntime's own warnings (printed straight to stderr as it loads a model) stay
+    # out of the report; its errors still raise
+    logits = predict(ops.session(m, threads=threads, quiet=True), ds, batch_size=batch_size, progress=progress)
     ref_logits = None
     if reference is not None:
         r = load_model(reference)
         if [i.name for i in r.graph.input if i.name in ds.inputs] != [i.name for i in m.graph.input if i.name in ds.inputs]:
             raise CodebookError("the reference model's inputs differ from the model's")
-        ref_logits = predict(ops.session(r, threads=threads), ds, batch_size=batch_size)
+        ref_logits = predict(ops.session(r, threads=threads, quiet=True), ds, batch_size=batch_size)
     return metrics(logits, ds.labels, ref_logits)
 
 

@@ -540,7 +540,7 @@ def test_declared_shape_contradiction_is_a_note_only_for_the_models_own_nodes():
     assert _declared_shape_contradiction(model, "[TypeInferenceError] node name: Reshape_1)") is None
 
 
-def test_contradicted_output_shape_compresses_without_raw_onnxruntime_warnings(capfd):
+def test_contradicted_output_shape_compresses_without_raw_onnxruntime_warnings(capfd, tmp_path):
     # The model declares its output as [1, -1] where it computes [1, 16, 6, 6]: compress
     # notes the contradiction once, and onnxruntime's own "Error merging shape info"
     # warning (printed straight to the process's stderr when it loads the model) stays out.
@@ -561,3 +561,15 @@ def test_contradicted_output_shape_compresses_without_raw_onnxruntime_warnings(c
     err = capfd.readouterr().err
     assert "MergeShapeInfo" not in err and "onnxruntime" not in err, err
     assert [layer.name for layer in result.layers] == ["w"]
+    # evaluate (and so the search's evaluations) load such a model quietly too: here a
+    # classifier declaring 3 logits where it computes 576
+    nodes[1] = helper.make_node("Flatten", ["c"], ["y"], name="flatten")
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits[:1]),
+                                opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    np.savez(tmp_path / "d.npz", inputs=rng.random((3, 8, 6, 6)).astype(np.float32), labels=np.arange(3))
+    capfd.readouterr()
+    assert oc.evaluate(path, str(tmp_path / "d.npz"), reference=path)["samples"] == 3
+    err = capfd.readouterr().err
+    assert "MergeShapeInfo" not in err and "onnxruntime" not in err, err
