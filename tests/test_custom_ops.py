@@ -359,7 +359,8 @@ def test_conv_short_rows(size, kernel, stride, pads, batch, group, bits):
               size=size)
 
 
-# Few-column convolutions with inputs partly zero, for the sparse-column GEMM:
+# Few-column convolutions with inputs partly zero, for the sparse-column GEMM (where the
+# nonzero share is low enough it is chosen without forcing):
 # (batch, cin, cout, kernel, stride, size, pads, zeros, bits).
 SPARSE_CASES = [
     (1, 128, 256, [3, 3], [1, 1], [4, 4], [1, 1, 1, 1], 0.6, 4),  # the bundled CNN's 4x4 layer
@@ -369,6 +370,10 @@ SPARSE_CASES = [
     (1, 20, 36, [2, 2], [2, 2], [7, 7], [0, 1, 0, 1], 0.0, 4),  # dense: 4x4 columns, stride 2
     (3, 40, 64, [3, 3], [1, 1], [2, 2], [1, 1, 1, 1], 1.0, 4),  # every input zero: bias and act only
     (16, 96, 50, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 0.8, 8),  # 16 images of one pixel, 8-bit
+    # 1x1 convolutions of 17-64 columns, their input read in place (listed 16 columns at a time)
+    (1, 300, 70, [1, 1], [1, 1], [7, 7], [0, 0, 0, 0], 0.7, 4),  # 49 columns, K = 300
+    (2, 64, 100, [1, 1], [1, 1], [5, 5], [0, 0, 0, 0], 0.8, 3),  # two images of 25 pixels
+    (1, 40, 33, [1, 1], [1, 1], [8, 8], [0, 0, 0, 0], 0.6, 2),  # 64 columns
 ]
 
 
@@ -384,7 +389,8 @@ def sparse_case(batch, cin, cout, kernel, stride, size, pads, zeros, bits, threa
 def test_conv_sparse_columns(case, threads):
     """Few output columns with mostly zero inputs (run on the sparse-column GEMM where it
     is chosen) equal the plain Conv: entries listed per column over several reduction
-    blocks, partial blocks of output channels, stride and padding, all-zero inputs."""
+    blocks, partial blocks of output channels, stride and padding, all-zero inputs, 1x1
+    convolutions over several images."""
     sparse_case(*case, threads=threads)
 
 

@@ -1497,14 +1497,15 @@ AVX512_TARGET int64_t CountNonzerosAvx512(const float* x, int64_t n, int64_t* do
 
 // Blocks of 16 rows of B: transposed in registers, each column's nonzero entries
 // compressed onto the end of its list.
-AVX512_TARGET void ListNonzerosAvx512(const float* b, int64_t K, int64_t columns, int64_t ld, SparseColumns& out) {
-  const __mmask16 live = static_cast<__mmask16>((1u << columns) - 1u);
+AVX512_TARGET void ListNonzerosAvx512(const float* b, int64_t ld, int64_t first, int64_t n, SparseColumns& out) {
+  const __mmask16 live = static_cast<__mmask16>((1u << n) - 1u);
   const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  int64_t* count = out.count.data() + first;
   __m512 v[16];
-  for (int64_t k0 = 0; k0 < K; k0 += 16) {
-    const int64_t rows = std::min<int64_t>(16, K - k0);
+  for (int64_t k0 = 0; k0 < out.K; k0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, out.K - k0);
     if (k0 % kSparseKC == 0) {
-      for (int64_t j = 0; j < columns; ++j) out.blocks[k0 / kSparseKC * 16 + j] = j * out.stride + out.count[j];
+      for (int64_t j = 0; j < n; ++j) out.blocks[k0 / kSparseKC * out.columns + first + j] = (first + j) * out.stride + count[j];
     }
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {
@@ -1514,15 +1515,15 @@ AVX512_TARGET void ListNonzerosAvx512(const float* b, int64_t K, int64_t columns
     const __m512i ks = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(k0)));
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) {
-      if (j >= columns) break;
+      if (j >= n) break;
       // not equal, unordered: NaN is listed
       const __mmask16 nz = _mm512_cmp_ps_mask(v[j], _mm512_setzero_ps(), _CMP_NEQ_UQ);
-      const int64_t at = j * out.stride + out.count[j];
+      const int64_t at = (first + j) * out.stride + count[j];
       // compressed in registers and stored whole: a compressing store to memory is
       // microcoded on AMD's Zen 4
       _mm512_storeu_ps(out.vals.data() + at, _mm512_maskz_compress_ps(nz, v[j]));
       _mm512_storeu_si512(out.ks.data() + at, _mm512_maskz_compress_epi32(nz, ks));
-      out.count[j] += __builtin_popcount(nz);
+      count[j] += __builtin_popcount(nz);
     }
   }
 }
@@ -1904,7 +1905,7 @@ uint64_t ThreadBit() { return uint64_t{1} << (ThreadSlot() % 64); }
 
 }  // namespace
 
-InlineParallelFor::InlineParallelFor() : outer_(t_inline) { t_inline = true; }
+InlineParallelFor::InlineParallelFor(bool on) : outer_(t_inline) { t_inline = t_inline || on; }
 InlineParallelFor::~InlineParallelFor() { t_inline = outer_; }
 
 int64_t PoolThreadsSeen() { return t_pool_seen; }
@@ -2259,42 +2260,48 @@ int64_t CountNonzeros(const float* x, int64_t n) {
   return count;
 }
 
+void SparseColumns::Reset(int64_t depth, int64_t n) {
+  K = depth;
+  columns = n;
+  stride = K + 16;  // each list's stores write up to 15 entries past its end
+  ks.resize(static_cast<size_t>(columns * stride));
+  vals.resize(static_cast<size_t>(columns * stride));
+  count.assign(static_cast<size_t>(columns), 0);
+  blocks.assign(static_cast<size_t>(((K + kSparseKC - 1) / kSparseKC + 1) * columns), 0);
+}
+
 int64_t SparseColumns::Nonzeros() const {
   int64_t n = 0;
   for (int64_t j = 0; j < columns; ++j) n += count[j];
   return n;
 }
 
-void ListNonzeros(const float* b, int64_t K, int64_t columns, int64_t ld, SparseColumns& out) {
-  if (columns < 1 || columns > ld || ld > 16) throw std::logic_error("ListNonzeros: " + std::to_string(columns) + " columns");
-  out.columns = columns;
-  out.stride = K + 16;  // each list's stores write up to 15 entries past its end
-  out.ks.resize(static_cast<size_t>(columns * out.stride));
-  out.vals.resize(static_cast<size_t>(columns * out.stride));
-  std::fill(out.count, out.count + 16, int64_t{0});
-  const int64_t nblocks = (K + kSparseKC - 1) / kSparseKC;
-  out.blocks.resize(static_cast<size_t>((nblocks + 1) * 16));
-  for (int64_t j = 0; j < columns; ++j) out.blocks[nblocks * 16 + j] = -1;  // filled below
+void ListNonzeros(const float* b, int64_t ld, int64_t first, int64_t n, SparseColumns& out) {
+  if (n < 1 || n > 16 || first < 0 || first + n > out.columns) {
+    throw std::logic_error("ListNonzeros: columns [" + std::to_string(first) + ", " + std::to_string(first + n) +
+                           ") of " + std::to_string(out.columns));
+  }
+  const int64_t nblocks = (out.K + kSparseKC - 1) / kSparseKC;
 #if ONNX_CODEBOOK_X86
   if (g_avx512) {
-    ListNonzerosAvx512(b, K, columns, ld, out);
-    for (int64_t j = 0; j < columns; ++j) out.blocks[nblocks * 16 + j] = j * out.stride + out.count[j];
-    return;
-  }
+    ListNonzerosAvx512(b, ld, first, n, out);
+  } else
 #endif
-  for (int64_t k = 0; k < K; ++k) {
-    if (k % kSparseKC == 0) {
-      for (int64_t j = 0; j < columns; ++j) out.blocks[k / kSparseKC * 16 + j] = j * out.stride + out.count[j];
-    }
-    for (int64_t j = 0; j < columns; ++j) {
-      const float v = b[k * ld + j];
-      if (v == 0.f) continue;
-      const int64_t at = j * out.stride + out.count[j]++;
-      out.ks[at] = static_cast<int32_t>(k);
-      out.vals[at] = v;
+  {
+    for (int64_t k = 0; k < out.K; ++k) {
+      if (k % kSparseKC == 0) {
+        for (int64_t j = first; j < first + n; ++j) out.blocks[k / kSparseKC * out.columns + j] = j * out.stride + out.count[j];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = b[k * ld + j];
+        if (v == 0.f) continue;
+        const int64_t at = (first + j) * out.stride + out.count[first + j]++;
+        out.ks[at] = static_cast<int32_t>(k);
+        out.vals[at] = v;
+      }
     }
   }
-  for (int64_t j = 0; j < columns; ++j) out.blocks[nblocks * 16 + j] = j * out.stride + out.count[j];
+  for (int64_t j = first; j < first + n; ++j) out.blocks[nblocks * out.columns + j] = j * out.stride + out.count[j];
 }
 
 void RunSparseGemm(const PixelGemmSpec& s, const SparseColumns& b, const OrtKernelContext* ctx) {
@@ -2311,9 +2318,9 @@ void RunSparseGemm(const PixelGemmSpec& s, const SparseColumns& b, const OrtKern
     for (int64_t k0 = 0; k0 < s.K; k0 += kSparseKC) {
       const int64_t kc = std::min(kSparseKC, s.K - k0);
       PackWeightPanels(*s.w, s.row0, i0, rows, k0, kc, 32, panel);
-      const int64_t* first = b.blocks.data() + k0 / kSparseKC * 16;
+      const int64_t* first = b.blocks.data() + k0 / kSparseKC * columns;
       for (int64_t j = 0; j < columns; ++j) {
-        SparseColumnKernel(b.ks.data() + first[j], b.vals.data() + first[j], first[16 + j] - first[j], k0, panel,
+        SparseColumnKernel(b.ks.data() + first[j], b.vals.data() + first[j], first[columns + j] - first[j], k0, panel,
                            acc + j * 32, k0 > 0);
       }
     }

@@ -131,21 +131,24 @@ void RunLaneGemm(const PixelGemmSpec& spec, int64_t columns, const OrtKernelCont
 
 // Reduction block of the sparse-column GEMM (its weight panels: 32 x kSparseKC floats).
 inline constexpr int64_t kSparseKC = 256;
-// The nonzero entries of a B of at most 16 columns, per column: column j's are entries
-// [j * stride, j * stride + count[j]) of ks (increasing k) and vals.
+// The nonzero entries of a B, per column: column j's are entries [j * stride, j * stride
+// + count[j]) of ks (increasing k) and vals.
 struct SparseColumns {
   std::vector<int32_t> ks;
   std::vector<float> vals;
-  int64_t stride = 0, columns = 0;
-  int64_t count[16] = {};
-  // column j's first entry at or past k = b * kSparseKC: blocks[b * 16 + j]
+  int64_t stride = 0, columns = 0, K = 0;
+  std::vector<int64_t> count;
+  // column j's first entry at or past k = b * kSparseKC: blocks[b * columns + j], for
+  // b <= ceil(K / kSparseKC)
   std::vector<int64_t> blocks;
+  // Room for `columns` columns of a K-deep B, all empty.
+  void Reset(int64_t K, int64_t columns);
   int64_t Nonzeros() const;
 };
-// Lists the entries of B(k, j) = b[k * ld + j], k < K, j < columns <= ld <= 16, that are
-// not zero (NaN counts as not zero).
-void ListNonzeros(const float* b, int64_t K, int64_t columns, int64_t ld, SparseColumns& out);
-// GEMM against a sparse B of at most 16 columns (AVX-512 only): the C of RunPixelGemm
+// Lists the entries of B(k, j) = b[k * ld + j], k < K, j < n <= 16, that are not zero
+// (NaN counts as not zero) as columns [first, first + n) of out.
+void ListNonzeros(const float* b, int64_t ld, int64_t first, int64_t n, SparseColumns& out);
+// GEMM against a sparse B (AVX-512 only): the C of RunPixelGemm
 // (one group; b, b_offsets and tiles unused) with B given as lists.  Each block of 32
 // output channels decodes its weights as transposed panels and sums the products of
 // the listed entries only: after a Relu about half the inputs are zero, and padded taps
@@ -271,7 +274,8 @@ void ParallelParts(const OrtKernelContext* ctx, int64_t parts, const std::functi
 // parts of an outer parallel loop).
 class InlineParallelFor {
  public:
-  InlineParallelFor();
+  // on = false: no effect (for scopes that are inline only sometimes)
+  explicit InlineParallelFor(bool on = true);
   ~InlineParallelFor();
   InlineParallelFor(const InlineParallelFor&) = delete;
   InlineParallelFor& operator=(const InlineParallelFor&) = delete;
