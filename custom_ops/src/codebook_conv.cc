@@ -12,8 +12,9 @@
 // multiply-adds of both).  Very few columns (N*P <= 16) run as weight rows against
 // im2col columns, or, where most of those are zero, over each column's nonzero
 // entries only (UseSparseColumns; 1x1 convolutions of up to 64 columns too, reading
-// their input in place: UsePointwiseSparse).  Convolutions with one input channel per group (depthwise) run
-// directly, plane by plane, or 16 channels at a time for planes up to 1024 pixels.
+// their input in place: UsePointwiseSparse).  Convolutions with one input channel
+// per group (depthwise) run directly, plane by plane, or 16 channels at a time for
+// planes up to 1024 pixels.
 // 3x3 convolutions with stride 1 and at least 8 output tiles of 2x2 (dense, or
 // grouped with a multiple of 16 output channels per group) run as Winograd F(2x2, 3x3)
 // (AVX-512): 16 multiply-adds per tile and channel pair instead of 36, the weights
@@ -227,8 +228,9 @@ PixelGemmSpec PixelConvSpec(const CodebookWeight& w, const ConvGeometry& g, cons
   return spec;
 }
 
-// Whether a convolution of at most 16 output columns (one group) runs on the sparse-column GEMM, which
-// multiplies only the nonzero entries of the im2col matrix.  Their share is estimated
+// Whether a convolution of at most 16 output columns (one group) runs on the
+// sparse-column GEMM, which multiplies only the nonzero entries of the im2col
+// matrix.  Their share is estimated
 // as the input's nonzero share times the share of the matrix that reads inside the
 // images (`from`: the gather table, -1 for padding).  Measured on one layer, 1 thread,
 // with Relu'd inputs: against the lane GEMM (13-16 columns) it is faster up to about

@@ -1505,7 +1505,7 @@ AVX512_TARGET void ListNonzerosAvx512(const float* b, int64_t ld, int64_t first,
   for (int64_t k0 = 0; k0 < out.K; k0 += 16) {
     const int64_t rows = std::min<int64_t>(16, out.K - k0);
     if (k0 % kSparseKC == 0) {
-      for (int64_t j = 0; j < n; ++j) out.blocks[k0 / kSparseKC * out.columns + first + j] = (first + j) * out.stride + count[j];
+      for (int64_t j = first; j < first + n; ++j) out.MarkBlock(k0 / kSparseKC, j);
     }
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {
@@ -2290,7 +2290,7 @@ void ListNonzeros(const float* b, int64_t ld, int64_t first, int64_t n, SparseCo
   {
     for (int64_t k = 0; k < out.K; ++k) {
       if (k % kSparseKC == 0) {
-        for (int64_t j = first; j < first + n; ++j) out.blocks[k / kSparseKC * out.columns + j] = j * out.stride + out.count[j];
+        for (int64_t j = first; j < first + n; ++j) out.MarkBlock(k / kSparseKC, j);
       }
       for (int64_t j = 0; j < n; ++j) {
         const float v = b[k * ld + j];
@@ -2301,7 +2301,7 @@ void ListNonzeros(const float* b, int64_t ld, int64_t first, int64_t n, SparseCo
       }
     }
   }
-  for (int64_t j = first; j < first + n; ++j) out.blocks[nblocks * out.columns + j] = j * out.stride + out.count[j];
+  for (int64_t j = first; j < first + n; ++j) out.MarkBlock(nblocks, j);
 }
 
 void RunSparseGemm(const PixelGemmSpec& s, const SparseColumns& b, const OrtKernelContext* ctx) {

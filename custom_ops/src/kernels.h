@@ -143,6 +143,8 @@ struct SparseColumns {
   std::vector<int64_t> blocks;
   // Room for `columns` columns of a K-deep B, all empty.
   void Reset(int64_t K, int64_t columns);
+  // Column j's list so far ends where reduction block b starts.
+  void MarkBlock(int64_t b, int64_t j) { blocks[b * columns + j] = j * stride + count[j]; }
   int64_t Nonzeros() const;
 };
 // Lists the entries of B(k, j) = b[k * ld + j], k < K, j < n <= 16, that are not zero
