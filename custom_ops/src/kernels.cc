@@ -2270,12 +2270,6 @@ void SparseColumns::Reset(int64_t depth, int64_t n) {
   blocks.assign(static_cast<size_t>(((K + kSparseKC - 1) / kSparseKC + 1) * columns), 0);
 }
 
-int64_t SparseColumns::Nonzeros() const {
-  int64_t n = 0;
-  for (int64_t j = 0; j < columns; ++j) n += count[j];
-  return n;
-}
-
 void ListNonzeros(const float* b, int64_t ld, int64_t first, int64_t n, SparseColumns& out) {
   if (n < 1 || n > 16 || first < 0 || first + n > out.columns) {
     throw std::logic_error("ListNonzeros: columns [" + std::to_string(first) + ", " + std::to_string(first + n) +
@@ -2307,7 +2301,7 @@ void ListNonzeros(const float* b, int64_t ld, int64_t first, int64_t n, SparseCo
 void RunSparseGemm(const PixelGemmSpec& s, const SparseColumns& b, const OrtKernelContext* ctx) {
 #if ONNX_CODEBOOK_X86
   if (!g_avx512) throw std::logic_error("RunSparseGemm needs AVX-512");
-  if (s.groups != 1) throw std::logic_error("RunSparseGemm: one group only");
+  if (s.groups != 1 || b.K != s.K) throw std::logic_error("RunSparseGemm: one group of the lists' depth only");
   if (s.M <= 0) return;
   const int64_t blocks = (s.M + 31) / 32, columns = b.columns;
   ParallelFor(ctx, blocks, [&](int64_t block) {

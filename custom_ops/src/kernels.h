@@ -145,7 +145,6 @@ struct SparseColumns {
   void Reset(int64_t K, int64_t columns);
   // Column j's list so far ends where reduction block b starts.
   void MarkBlock(int64_t b, int64_t j) { blocks[b * columns + j] = j * stride + count[j]; }
-  int64_t Nonzeros() const;
 };
 // Lists the entries of B(k, j) = b[k * ld + j], k < K, j < n <= 16, that are not zero
 // (NaN counts as not zero) as columns [first, first + n) of out.
