@@ -1529,11 +1529,34 @@ AVX512_TARGET void ListNonzerosAvx512(const float* b, int64_t ld, int64_t first,
 }
 
 // out[0..31] (+)= sum over the n entries e of vals[e] * panel[(ks[e] - k0) * 32 + 0..31].
-// Two entries per step into two pairs of sums (four chains of multiply-adds in flight).
+// Four entries per step into four pairs of sums (eight chains of multiply-adds in flight;
+// two entries per step measured 3-4 % slower: 128 -> 256 3x3 on 4x4, 0.097 vs 0.094 ms),
+// then two, then one.
 AVX512_TARGET void SparseColumnKernel(const int32_t* ks, const float* vals, int64_t n, int64_t k0, const float* panel,
                                       float* out, bool accumulate) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
   int64_t e = 0;
+  __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps(), d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+  for (; e + 4 <= n; e += 4) {
+    const float* w0 = panel + (ks[e] - k0) * 32;
+    const float* w1 = panel + (ks[e + 1] - k0) * 32;
+    const float* w2 = panel + (ks[e + 2] - k0) * 32;
+    const float* w3 = panel + (ks[e + 3] - k0) * 32;
+    const __m512 x0 = _mm512_set1_ps(vals[e]), x1 = _mm512_set1_ps(vals[e + 1]);
+    const __m512 x2 = _mm512_set1_ps(vals[e + 2]), x3 = _mm512_set1_ps(vals[e + 3]);
+    a0 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0), a0);
+    a1 = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0 + 16), a1);
+    b0 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w1), b0);
+    b1 = _mm512_fmadd_ps(x1, _mm512_loadu_ps(w1 + 16), b1);
+    c0 = _mm512_fmadd_ps(x2, _mm512_loadu_ps(w2), c0);
+    c1 = _mm512_fmadd_ps(x2, _mm512_loadu_ps(w2 + 16), c1);
+    d0 = _mm512_fmadd_ps(x3, _mm512_loadu_ps(w3), d0);
+    d1 = _mm512_fmadd_ps(x3, _mm512_loadu_ps(w3 + 16), d1);
+  }
+  a0 = _mm512_add_ps(a0, c0);
+  a1 = _mm512_add_ps(a1, c1);
+  b0 = _mm512_add_ps(b0, d0);
+  b1 = _mm512_add_ps(b1, d1);
   for (; e + 2 <= n; e += 2) {
     const float* w0 = panel + (ks[e] - k0) * 32;
     const float* w1 = panel + (ks[e + 1] - k0) * 32;
