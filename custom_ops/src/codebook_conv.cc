@@ -253,6 +253,16 @@ bool UseSparseColumns(const CodebookWeight& w, const ConvGeometry& g, const floa
   return share < (lanes ? 0.4 : 0.75);
 }
 
+// ConvGemmSpec for output channels [r0, r1) of a one-group convolution.
+PixelGemmSpec RowsSpec(const CodebookWeight& w, const ConvGeometry& g, int64_t r0, int64_t r1, const float* b,
+                       const float* bias, const float* z, const Epilogue& act, float* y) {
+  const int64_t P = g.out_h * g.out_w;
+  PixelGemmSpec spec = ConvGemmSpec(w, g, b, 0, bias ? bias + r0 : nullptr, z ? z + r0 * P : nullptr, act, y + r0 * P);
+  spec.row0 = r0;
+  spec.M = r1 - r0;
+  return spec;
+}
+
 // A one-group convolution on the sparse-column GEMM, over the lists `list` makes of
 // the im2col matrix's columns (all of them: batch * out_h * out_w).  On a pool of 2+
 // threads each thread lists the entries itself and runs its share of the output
@@ -260,18 +270,15 @@ bool UseSparseColumns(const CodebookWeight& w, const ConvGeometry& g, const floa
 void SparseConv(const CodebookWeight& w, const ConvGeometry& g, const float* bias, const float* z, const Epilogue& act,
                 float* y, int64_t threads, const OrtKernelContext* ctx,
                 const std::function<void(SparseColumns&)>& list) {
-  const int64_t P = g.out_h * g.out_w, blocks = (g.out_channels + 31) / 32;
+  const int64_t blocks = (g.out_channels + 31) / 32;
   const int64_t parts = std::min(threads, blocks);
   ParallelFor(parts > 1 ? ctx : nullptr, parts, [&](int64_t part) {
     InlineParallelFor inline_here(parts > 1);
     thread_local SparseColumns lists;
     list(lists);
     const int64_t r0 = blocks * part / parts * 32, r1 = std::min(g.out_channels, blocks * (part + 1) / parts * 32);
-    PixelGemmSpec spec =
-        ConvGemmSpec(w, g, nullptr, 0, bias ? bias + r0 : nullptr, z ? z + r0 * P : nullptr, act, y + r0 * P);
-    spec.row0 = r0;
-    spec.M = r1 - r0;
-    RunSparseGemm(spec, lists, ctx);  // with one part: its blocks over the pool
+    // with one part: its blocks over the pool
+    RunSparseGemm(RowsSpec(w, g, r0, r1, nullptr, bias, z, act, y), lists, ctx);
   });
 }
 
@@ -338,14 +345,6 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
                  dst + (gc / g.cin_per_group * w.cols + gc % g.cin_per_group * taps) * ld);
     }
   };
-  // output channels [r0, r1) of a one-group convolution, B at b
-  auto rows_spec = [&](int64_t r0, int64_t r1, const float* b) {
-    PixelGemmSpec spec =
-        ConvGemmSpec(w, g, b, 0, bias ? bias + r0 : nullptr, z ? z + r0 * P : nullptr, act, y + r0 * P);
-    spec.row0 = r0;
-    spec.M = r1 - r0;
-    return spec;
-  };
   if (UseSparseColumns(w, g, x, from, span, columns, lanes)) {
     SparseConv(w, g, bias, z, act, y, threads, ctx, [&](SparseColumns& lists) {
       thread_local std::vector<float> own;
@@ -369,7 +368,7 @@ void Im2colPixelConv(const CodebookWeight& w, const ConvGeometry& g, const float
       gather(0, 1, mine);
       const int64_t r0 = lane_blocks * part / parts * kLaneRows;
       const int64_t r1 = std::min(g.cout_per_group, lane_blocks * (part + 1) / parts * kLaneRows);
-      RunLaneGemm(rows_spec(r0, r1, mine), columns, ctx);
+      RunLaneGemm(RowsSpec(w, g, r0, r1, mine, bias, z, act, y), columns, ctx);
     });
     return;
   }
