@@ -535,16 +535,41 @@ def test_conv_channel_split(size, cin):
     "size, kernel, stride, pads, cout",
     [([28, 28], [3, 3], [1, 1], [1, 1, 1, 1], 64), ([29, 31], [3, 3], [1, 1], [2, 1, 0, 1], 96),
      ([28, 28], [1, 1], [1, 1], [0, 0, 0, 0], 70), ([56, 57], [1, 1], [2, 2], [0, 0, 0, 0], 40),
-     ([57, 56], [3, 3], [2, 2], [1, 1, 1, 1], 64)],
+     ([57, 56], [3, 3], [2, 2], [1, 1, 1, 1], 64), ([16, 16], [3, 3], [2, 2], [1, 1, 1, 1], 70),
+     ([12, 13], [5, 5], [1, 1], [2, 2, 2, 2], 40)],
 )
 def test_conv_spatial_split(size, kernel, stride, pads, cout):
-    # One image of at least 784 output pixels on 2 threads (from the second run of a
-    # session): each thread computes a range of output rows (pixel-major, 64 / 96
-    # channels, from its own copy of the grid rows they read) or of pixels (blocked
-    # GEMM writing the output: the 1x1 cases) for every output channel.
+    # One image on 2 threads (from the second run of a session) with at least 64 output
+    # pixels on the pixel-major GEMM (8x8 after stride 2, 12x13 under a 5x5 kernel) or
+    # 784 on the blocked GEMM: each thread computes a range of output rows (pixel-major,
+    # from its own copy of the grid rows they read) or of pixels (blocked GEMM writing
+    # the output: the 1x1 cases) for every output channel.
     conv_case(np.random.default_rng(sum(size) + cout), batch=1, cin=24, cout=cout, group=1, kernel=kernel,
               stride=stride, dilation=[1, 1], pads=pads, auto_pad="NOTSET", bits=4, group_size=1, bias=True,
               activation="Relu", residual=True, threads=2, size=size, runs=3)
+
+
+@pytest.mark.parametrize("size, kernel, stride, pads, group, cout", [
+    ([12, 13], [5, 5], [1, 1], [2, 2, 2, 2], 3, 42), ([16, 16], [3, 3], [2, 2], [1, 1, 1, 1], 4, 40),
+    ([30, 30], [3, 3], [1, 1], [1, 1, 1, 1], 2, 30)])
+def test_conv_spatial_split_grouped(size, kernel, stride, pads, group, cout):
+    # The row split of a grouped convolution: group g reads its own input channels of
+    # each thread's grid rows (the pixel-major GEMM forced where it would not run).
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.util, numpy as np\n"
+        f"spec = importlib.util.spec_from_file_location('t', {str(__file__)!r})\n"
+        "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
+        f"t.conv_case(np.random.default_rng(7), batch=1, cin={8 * group}, cout={cout}, group={group}, "
+        f"kernel={kernel}, stride={stride}, dilation=[1, 1], pads={pads}, auto_pad='NOTSET', bits=4, "
+        "group_size=1, bias=True, activation='Relu', residual=True, threads=2, "
+        f"size={size}, runs=3)\n"
+    )
+    env = dict(os.environ, ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()), ONNX_CODEBOOK_PIXEL_GEMM="1")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("threads", [1, 2])

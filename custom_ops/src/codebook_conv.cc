@@ -493,11 +493,19 @@ class PhaseConv {
 // slower once the grid spills out of L2.
 constexpr int64_t kGridFloats = int64_t{1} << 18;
 
-// One image with at least this many output pixels (28x28), on a pool of 2+ threads, is
-// split by rows or pixels rather than by output channels (each thread then decodes all
-// of the weights).  On smaller planes the doubled decoding cost more than the split
-// saved: 256 -> 256 3x3 on 14x14, 1.07 -> 1.11 ms; on 56x56 stride 2, 1.29 -> 1.20.
-constexpr int64_t kSpatialSplitPixels = 784;
+// One image on a pool of 2+ threads is split by output rows or pixels rather than by
+// output channels (each thread then decodes all of the weights) from this many output
+// pixels: on the pixel-major GEMM over a phase grid from 8x8, on the blocked GEMM from
+// 28x28.  Split by channels, each thread fills the whole grid; on this 2-vCPU VM that
+// measured up to 2.5x slower in the phases where fp32 onnxruntime also slows down
+// (fp32 digits CNN 0.11 instead of 0.085 ms), and no faster in the others.  Fused ms,
+// one layer, split by channels -> by rows, slow phase / fast phase: 128 -> 128 3x3
+// stride 2 on 28x28 0.86 -> 0.34 / 0.39 -> 0.32 (fp32 0.41 / 0.30); 256 -> 512 3x3
+// stride 2 on 16x16 1.20 -> 0.86 / 0.83 -> 0.84 (fp32 0.78 / 0.71); 64 -> 128 5x5 on
+// 12x12 0.34 -> 0.29 / 0.28 -> 0.27.  The blocked GEMM's 1x1 512 -> 512 on 8x8 measured
+// slower split by pixels (0.17 -> 0.23 / 0.17 -> 0.19 ms), and 1024 -> 256 on 14x14 the
+// same either way; earlier, 256 -> 256 3x3 on 14x14 1.07 -> 1.11 ms (fast phase).
+constexpr int64_t kSpatialSplitPixels = 64, kSpatialSplitGemmPixels = 784;
 
 // Tiles of the pixel-major GEMM over `count` images of the phase grid, with the
 // reduction lists of the tiles that skip taps.
@@ -769,8 +777,9 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
                                 [](const PixelTile& t, int64_t col) { return t.out < col; }) - tiles.begin();
       };
       const int64_t t0 = first_of_row(oh0), t1 = first_of_row(oh1);
-      RunPixelGemm(PixelConvSpec(w, g, mine, 0, pc.offsets.data(), tiles.data() + t0, t1 - t0, &phase.full.k_lists,
-                                 bias, z, act, y),
+      // group g's channels start g * cin_per_group channel strides into the grid
+      RunPixelGemm(PixelConvSpec(w, g, mine, g.cin_per_group * pc.channel_stride, pc.offsets.data(), tiles.data() + t0,
+                                 t1 - t0, &phase.full.k_lists, bias, z, act, y),
                    ctx);
     });
     return;
@@ -837,7 +846,7 @@ void PhaseGemmConv(const CodebookWeight& w, const PhasePlan& phase, const float*
       RunGemm(spec, across_groups ? nullptr : ctx);
     };
     auto run_group = [&](int64_t grp) { run_columns(grp, 0, columns); };
-    if (!grid && count == 1 && threads >= 2 && g.group == 1 && P >= kSpatialSplitPixels) {
+    if (!grid && count == 1 && threads >= 2 && g.group == 1 && P >= kSpatialSplitGemmPixels) {
       // One large image on a pool of 2+ threads, output = grid: each thread computes
       // a range of pixels for every output channel (decoding all the weights itself),
       // the same range in every layer where it can (ParallelParts), so that it reads
