@@ -500,11 +500,11 @@ constexpr int64_t kGridFloats = int64_t{1} << 18;
 // measured up to 2.5x slower in the phases where fp32 onnxruntime also slows down
 // (fp32 digits CNN 0.11 instead of 0.085 ms), and no faster in the others.  Fused ms,
 // one layer, split by channels -> by rows, slow phase / fast phase: 128 -> 128 3x3
-// stride 2 on 28x28 0.86 -> 0.34 / 0.39 -> 0.32 (fp32 0.41 / 0.30); 256 -> 512 3x3
+// stride 2 on 28x28 0.86 -> 0.34 / 0.39 -> 0.32 (fp32 0.41 / 0.29); 256 -> 512 3x3
 // stride 2 on 16x16 1.20 -> 0.86 / 0.83 -> 0.84 (fp32 0.78 / 0.71); 64 -> 128 5x5 on
 // 12x12 0.34 -> 0.29 / 0.28 -> 0.27.  The blocked GEMM's 1x1 512 -> 512 on 8x8 measured
 // slower split by pixels (0.17 -> 0.23 / 0.17 -> 0.19 ms), and 1024 -> 256 on 14x14 the
-// same either way; earlier, 256 -> 256 3x3 on 14x14 1.07 -> 1.11 ms (fast phase).
+// same either way; an earlier round measured 256 -> 256 3x3 on 14x14 1.07 -> 1.11 ms.
 constexpr int64_t kSpatialSplitPixels = 64, kSpatialSplitGemmPixels = 784;
 
 // Tiles of the pixel-major GEMM over `count` images of the phase grid, with the
