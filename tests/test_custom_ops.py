@@ -68,6 +68,23 @@ def run(model, feeds, threads=1, runs=1):
     return sess.run(None, feeds)[0]
 
 
+def run_with_env(body: str, **env_overrides: str) -> None:
+    """Runs `body` in a fresh interpreter with this module imported as `t` (and numpy as
+    np), the package's library and `env_overrides` in its environment (the kernels read
+    their ONNX_CODEBOOK_* switches once, when the library loads); fails with its stderr."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.util, numpy as np\n"
+        f"spec = importlib.util.spec_from_file_location('t', {str(__file__)!r})\n"
+        "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n" + body
+    )
+    env = dict(os.environ, ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()), **env_overrides)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 def tensor_info(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
@@ -555,21 +572,13 @@ def test_conv_spatial_split(size, kernel, stride, pads, cout):
 def test_conv_spatial_split_grouped(size, kernel, stride, pads, group, cout):
     # The row split of a grouped convolution: group g reads its own input channels of
     # each thread's grid rows (the pixel-major GEMM forced where it would not run).
-    import subprocess
-    import sys
-
-    script = (
-        "import importlib.util, numpy as np\n"
-        f"spec = importlib.util.spec_from_file_location('t', {str(__file__)!r})\n"
-        "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
+    run_with_env(
         f"t.conv_case(np.random.default_rng(7), batch=1, cin={8 * group}, cout={cout}, group={group}, "
         f"kernel={kernel}, stride={stride}, dilation=[1, 1], pads={pads}, auto_pad='NOTSET', bits=4, "
         "group_size=1, bias=True, activation='Relu', residual=True, threads=2, "
-        f"size={size}, runs=3)\n"
+        f"size={size}, runs=3)\n",
+        ONNX_CODEBOOK_PIXEL_GEMM="1",
     )
-    env = dict(os.environ, ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()), ONNX_CODEBOOK_PIXEL_GEMM="1")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -1092,13 +1101,7 @@ def test_fallback_kernels_in_subprocess(kernels):
     pixel-major convolution for every geometry, the PDEP index decoding where the CPU has VBMI, each tiling of the
     pixel-major convolution, the direct paths where Winograd would run, and the sparse-column GEMM for every
     few-column convolution or for none (forced by environment variables), give the same results."""
-    import subprocess
-    import sys
-
-    script = (
-        "import importlib.util, numpy as np, sys\n"
-        f"spec = importlib.util.spec_from_file_location('t', {str(__file__)!r})\n"
-        "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
+    body = (
         "for seed in range(6):\n"
         "    t.conv_case(np.random.default_rng(seed))\n"
         "    t.conv_case(np.random.default_rng(seed), cin=4, cout=4, group=4, kernel=[3, 3],\n"
@@ -1129,10 +1132,8 @@ def test_fallback_kernels_in_subprocess(kernels):
         "    t.sparse_case(*case, threads=2)\n"
         "t.test_conv_sparse_columns_not_finite()\n"
     )
-    env = dict(os.environ, ONNX_CODEBOOK_OPS_LIBRARY=str(ops.library_path()))
     name, _, value = kernels.partition("=")
-    env[name] = value or "1"
+    env = {name: value or "1"}
     if name == "ONNX_CODEBOOK_PIXEL_TILES":
         env["ONNX_CODEBOOK_PIXEL_GEMM"] = "1"
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_with_env(body, **env)
